@@ -42,3 +42,22 @@ def accepts(target_logits, draft_logits, rule):
     r.validate(target.vocab_size)
     # Each side stays in its own compute dtype: the target's decides exactly as `certificate` does.
     return target.output(map_blocks(lambda t, d: _accepts_block(t, d, r), target.values, draft.values))
+
+
+def tokens_accepted(target_logits: torch.Tensor, tokens: torch.Tensor, rule) -> torch.Tensor:
+    """Whether ``rule`` accepts each drafted token, judged on the token alone (the decoder's verifier).
+
+    Args:
+        target_logits: ``[N, V]`` target logits at the drafted positions (torch).
+        tokens: ``[N]`` int64 drafted tokens.
+        rule: a single-candidate rule or ``tree:m``; a tree rule verifies like strict greedy (a node's child survives
+            iff it is the target's greedy token), m being only the width its certificate assumes.
+    Returns:
+        bool ``[N]``.
+    """
+    r = as_rule(rule)
+    if isinstance(r, Tree):
+        r = TopM(1)
+    logits = as_logits(target_logits, "target_logits").values
+    drafted = logits.gather(-1, tokens.reshape(-1, 1))[:, 0]
+    return drafted > r.reject_level(TargetStats.of(logits, entropy=r.needs_entropy))

@@ -1,0 +1,184 @@
+"""Speculative decoding of a causal LM under any acceptance rule, in chain or tree mode, with a per-step trace.
+
+Glossary (vLLM's conventions):
+
+- **drafted** tokens: what the drafter proposes at a step; a chain of k tokens, or a tree whose nodes at depth d are
+  the drafter's top-w_d tokens after their parent (``--tree 4,2,1``). A *position* is a point where drafted
+  tokens wait for the target's verdict: the root (after the context) and every node with children.
+- **accepted** tokens: drafted tokens the rule accepts along the longest accepted path from the root.
+- **bonus** token: the target's greedy token after the accepted path, emitted for free by the same target forward:
+  it *corrects* the first rejected position, or extends a path accepted to its end.
+- one step = one target forward; it emits accepted + 1 tokens. **Acceptance length** = 1 + accepted / drafts (the
+  bonus token included), averaged over steps that drafted anything.
+
+One step reads in one screen (``_step``): propose a tree, verify every node in one target forward with a tree
+attention mask, accept the longest path, sync the caches. The target's KV cache always holds the context except
+its last token, which opens the next forward; after a step only the accepted path's entries are kept. The
+drafter's cache is synced by common prefix at its next proposal (when every draft is accepted, it re-reads the
+last drafted token and the bonus token).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from specert.acceptance import tokens_accepted
+from specert.drafters import Drafter, DraftTree, ancestors
+from specert.models import LoadedModel, cache_length, forward, keep_cache, new_cache
+from specert.rules import Rule
+from specert.rules import rule as as_rule
+from specert.trace import StepTrace, trace_positions
+
+
+@dataclass
+class Generation:
+    """What one call of :func:`generate` produced."""
+
+    prompt: list[int]
+    tokens: list[int]  # generated tokens, EOS included when produced
+    seconds: float  # decoding wall time, tracing excluded
+    accepted: list[int] = field(default_factory=list)  # accepted drafted tokens per step
+    drafted: list[int] = field(default_factory=list)  # positions with drafted tokens per step (the chain length)
+    verified: list[int] = field(default_factory=list)  # tokens the target ran per step (1 + tree nodes)
+    trace: list[StepTrace] = field(default_factory=list)
+
+    @property
+    def steps(self) -> int:
+        return len(self.verified)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return len(self.tokens) / self.seconds if self.seconds > 0 else float("nan")
+
+
+def parse_widths(k: int | None = None, tree: str | list[int] | None = None) -> list[int]:
+    """The width schedule: ``[1] * k`` for a chain, or the per-depth widths of a tree (``"4,2,1"``)."""
+    if tree is not None and k is not None:
+        raise ValueError("give either k (a chain) or a tree width schedule, not both")
+    if tree is None:
+        k = 4 if k is None else k
+        if not isinstance(k, int) or k < 1:
+            raise ValueError(f"k (draft length) must be a whole number >= 1, got {k!r}")
+        return [1] * k
+    if isinstance(tree, str):
+        try:
+            tree = [int(w) for w in tree.split(",")]
+        except ValueError:
+            raise ValueError(f"a tree schedule is widths per depth such as 4,2,1; got {tree!r}") from None
+    if not tree or any(w < 1 for w in tree):
+        raise ValueError(f"a tree schedule needs widths >= 1 per depth, got {tree!r}")
+    return list(tree)
+
+
+def _longest_path(tree: DraftTree, ok: list[bool], score: list[float]) -> list[int]:
+    """Nodes of the longest path of accepted nodes from the root (ties: the higher target logit first)."""
+    length = [0] * len(tree.tokens)
+    for i in reversed(range(len(tree.tokens))):
+        if ok[i]:
+            kids = [length[c] for c in tree.children(i) if ok[c]]
+            length[i] = 1 + max(kids, default=0)
+    path, pos = [], -1
+    while True:
+        kids = [c for c in tree.children(pos) if ok[c]]
+        if not kids:
+            return path
+        pos = max(kids, key=lambda c: (length[c], score[c]))
+        path.append(pos)
+
+
+@torch.inference_mode()
+def _step(target, cache, drafter: Drafter, r: Rule, context: list[int], widths: list[int]):
+    """One speculative step: returns (emitted tokens, tree, target logits [1 + N, V], path)."""
+    tree = drafter.propose(context, widths)  # 1. propose
+    past = cache_length(cache)
+    n = len(tree.tokens)
+    chain = all(p == i - 1 for i, p in enumerate(tree.parents))
+    attend, positions = None, None
+    if not chain:  # 2. verify every node in one forward: each sees the context, its ancestors and itself
+        attend = torch.ones(1 + n, past + 1 + n, dtype=torch.bool)
+        attend[:, past:] = False
+        attend[:, past] = True  # the last context token (the root)
+        attend[1:, past + 1 :] = ancestors(tree.parents)
+        attend[0, past + 1 :] = False
+        positions = [past] + [past + 1 + d for d in tree.depth]
+    logits = forward(target.model, cache, [context[-1]] + tree.tokens, positions, attend)  # [1 + N, V]
+    if n:  # 3. accept: each node judged at its parent's position
+        parent_rows = torch.tensor([p + 1 for p in tree.parents])
+        drafted = torch.tensor(tree.tokens)
+        ok = tokens_accepted(logits[parent_rows], drafted, r).tolist()
+        score = logits[parent_rows].gather(-1, drafted[:, None])[:, 0].tolist()
+        path = _longest_path(tree, ok, score)
+    else:
+        path = []
+    bonus = int(logits[path[-1] + 1 if path else 0].argmax())
+    keep_cache(cache, past + 1, [past + 1 + i for i in path])  # 4. sync: keep the accepted path only
+    return [tree.tokens[i] for i in path] + [bonus], tree, logits, path
+
+
+def generate(target: LoadedModel, prompt: list[int], drafter: Drafter | None = None, rule: str | Rule = "greedy",
+             k: int | None = None, tree: str | list[int] | None = None, max_new_tokens: int = 128,
+             trace: bool = False, stop_at_eos: bool = True) -> Generation:
+    """Decode greedily from ``prompt`` (token ids) with speculative verification under ``rule``.
+
+    Without a drafter this is plain greedy decoding, one target forward per token. With strict greedy the output
+    equals the target's own greedy output token for token, whatever the drafter.
+
+    Args:
+        target: the target model.
+        prompt: prompt token ids (see :func:`specert.models.encode_prompt`).
+        drafter: a :class:`~specert.drafters.Drafter`, or None.
+        rule: acceptance rule (spec or object); ``tree:m`` verifies as strict greedy.
+        k: chain length (default 4) or ``tree``: width per depth, e.g. ``"4,2,1"``.
+        max_new_tokens: at most this many generated tokens.
+        trace: record a :class:`~specert.trace.StepTrace` per verified position (certificates, KL, ...).
+        stop_at_eos: stop after the model's end-of-sequence token.
+    """
+    r = as_rule(rule)
+    widths = parse_widths(k, tree) if drafter is not None else []
+    if not prompt:
+        raise ValueError("the prompt is empty")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if len(prompt) + max_new_tokens + sum(widths) > target.context_length:
+        raise ValueError(
+            f"prompt ({len(prompt)} tokens) + max_new_tokens ({max_new_tokens}) + drafts exceed the context of "
+            f"{target.context_length} tokens"
+        )
+    r.validate(target.vocab_size)
+    eos = target.eos_token_ids if stop_at_eos else set()
+    cache = new_cache(target.model)
+    out = Generation(list(prompt), [], 0.0)
+    traced = 0.0
+    start = time.perf_counter()
+    with torch.inference_mode():
+        if len(prompt) > 1:
+            forward(target.model, cache, prompt[:-1])  # prefill all but the last token
+        context = list(prompt)
+        while len(out.tokens) < max_new_tokens:
+            if drafter is None:
+                logits = forward(target.model, cache, [context[-1]])
+                emitted, tree_, path = [int(logits[-1].argmax())], None, []
+            else:
+                emitted, tree_, logits, path = _step(target, cache, drafter, r, context, widths)
+                drafter.observe(len(path))
+            emitted = emitted[: max_new_tokens - len(out.tokens)]
+            for i, tok in enumerate(emitted):
+                if tok in eos:
+                    emitted = emitted[: i + 1]
+                    break
+            out.tokens += emitted
+            context += emitted
+            out.accepted.append(len(path))
+            out.drafted.append(max((tree_.depth[i] + 1 for i in range(len(tree_.tokens))), default=0) if tree_ else 0)
+            out.verified.append(1 + (len(tree_.tokens) if tree_ else 0))
+            if trace and tree_ is not None:
+                t0 = time.perf_counter()
+                out.trace += trace_positions(out.steps - 1, len(out.tokens) - len(emitted), tree_, logits, path, r)
+                traced += time.perf_counter() - t0
+            if emitted[-1] in eos:
+                break
+    out.seconds = time.perf_counter() - start - traced
+    return out

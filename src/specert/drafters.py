@@ -1,0 +1,216 @@
+"""Drafters: cheap proposers of the tokens a target verifies, behind one small interface.
+
+A drafter proposes a *draft tree* after a context: the root is the context's end, and each node's children are the
+drafter's top-w tokens after the path to it, w set per depth by a width schedule. A chain of k tokens is the
+schedule ``[1] * k``. With the tree the drafter returns its logits at every expanded position (the distribution q
+its children were drawn from) or, for drafters with no distribution (n-gram lookup), ``None``: those drafts are
+judged by the rule on the token alone (for strict greedy: exact match).
+
+================  =======================================================================================
+spec              drafter
+================  =======================================================================================
+``model:SPEC``    a separate small causal LM (any model spec of :mod:`specert.models`), same vocabulary
+``layerskip:L``   the target's first L layers with its final norm and LM head, sharing its weights
+``ngram:N``       prompt lookup: continuations of the longest suffix (N tokens at most) seen in the context
+================  =======================================================================================
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+
+from specert.models import LoadedModel, cache_length, forward, keep_cache, load_model, new_cache
+
+
+@dataclass
+class DraftTree:
+    """Nodes in breadth-first order; the root (the context's end) is position -1, not a node."""
+
+    tokens: list[int]  # [N] drafted token of each node
+    parents: list[int]  # [N] parent node, -1 for the root's children
+    logits: torch.Tensor | None  # [1 + N, V] drafter logits after the root (row 0) and after each node (row 1 + i)
+    expanded: list[bool]  # [1 + N] whether the drafter scored that position (leaves are not scored)
+
+    @property
+    def depth(self) -> list[int]:
+        d = []
+        for p in self.parents:
+            d.append(0 if p < 0 else d[p] + 1)
+        return d
+
+    def children(self, position: int) -> list[int]:
+        return [i for i, p in enumerate(self.parents) if p == position]
+
+
+def ancestors(parents: list[int]) -> torch.Tensor:
+    """Bool ``[N, N]``: ``a[i, j]`` iff node j is node i or one of its ancestors."""
+    n = len(parents)
+    a = torch.eye(n, dtype=torch.bool)
+    for i, p in enumerate(parents):
+        if p >= 0:
+            a[i] |= a[p]
+    return a
+
+
+class Drafter:
+    """Interface: ``propose`` a draft tree after a context; ``observe`` how many drafted tokens were accepted."""
+
+    spec: str = "?"
+    has_logits: bool = True
+
+    def propose(self, context: list[int], widths: list[int]) -> DraftTree:
+        raise NotImplementedError
+
+    def observe(self, accepted: int) -> None:
+        """Learn what the verifier accepted (default: nothing to learn)."""
+
+
+class ModelDrafter(Drafter):
+    """A causal LM drafting greedily with its own KV cache, kept in sync with the context by common prefix."""
+
+    def __init__(self, model: torch.nn.Module, spec: str):
+        self.model, self.spec = model, spec
+        self.cache = new_cache(model)
+        self.cached: list[int] = []  # tokens whose keys and values the cache holds
+
+    def _sync(self, context: list[int]) -> torch.Tensor:
+        """Bring the cache to ``context`` and return the logits after it ``[V]``."""
+        same = 0
+        limit = min(len(self.cached), len(context) - 1)  # always re-run at least the last token for its logits
+        while same < limit and self.cached[same] == context[same]:
+            same += 1
+        keep_cache(self.cache, same, [])
+        logits = forward(self.model, self.cache, context[same:])
+        self.cached = list(context)
+        return logits[-1]
+
+    def propose(self, context: list[int], widths: list[int]) -> DraftTree:
+        rows = [self._sync(context)]  # [V] after the root
+        tokens, parents = [], []
+        frontier = [-1]  # positions expanded at the current depth
+        base = len(context)
+        for depth, width in enumerate(widths):
+            level_start = len(tokens)
+            for pos in frontier:
+                top = torch.topk(rows[pos + 1], width).indices.tolist()
+                tokens += top
+                parents += [pos] * width
+            frontier = list(range(level_start, len(tokens)))
+            if depth == len(widths) - 1:
+                break
+            rows += self._score_level(tokens, parents, frontier, base, depth + 1)
+        keep_cache(self.cache, base, [])  # drop the tree's entries: the next context re-syncs
+        self.cached = list(context)
+        n = len(tokens)
+        logits = torch.stack(rows + [torch.full_like(rows[0], float("nan"))] * (1 + n - len(rows)))
+        expanded = [True] * len(rows) + [False] * (1 + n - len(rows))
+        return DraftTree(tokens, parents, logits, expanded)
+
+    def _score_level(self, tokens, parents, level, base, depth) -> list[torch.Tensor]:
+        """Logits after each node of one level, in one forward; earlier levels are in the cache, node i at slot
+        ``base + i``, and each node sees the context, its ancestors and itself."""
+        if len(level) == 1 and all(parents[i] == i - 1 for i in range(level[0] + 1)):
+            return list(forward(self.model, self.cache, [tokens[level[0]]]))  # a chain: a plain causal step
+        past = cache_length(self.cache)
+        anc = ancestors(parents)
+        attend = torch.zeros(len(level), past + len(level), dtype=torch.bool)
+        attend[:, :base] = True
+        attend[:, base:past] = anc[level][:, : past - base]
+        attend[:, past:] = torch.eye(len(level), dtype=torch.bool)
+        positions = [base + depth] * len(level)
+        return list(forward(self.model, self.cache, [tokens[i] for i in level], positions, attend))
+
+
+def layer_skip_view(model: torch.nn.Module, layers: int) -> torch.nn.Module:
+    """The target's first ``layers`` decoder layers, final norm and LM head as a model of its own, sharing every
+    weight with the target (no copy): a shallow copy whose layer list is cut."""
+    inner = getattr(model, "model", None)
+    if inner is None or not hasattr(inner, "layers"):
+        raise ValueError(f"layerskip needs a decoder with model.layers; {type(model).__name__} has none")
+    total = len(inner.layers)
+    if not 1 <= layers < total:
+        raise ValueError(f"layerskip:L needs 1 <= L < {total} (the target's layer count), got {layers}")
+    # NOTE: a shallow copy of a Module shares its `_modules` dict: give each copy its own before replacing children.
+    view, inner_view = copy.copy(model), copy.copy(inner)
+    view._modules, inner_view._modules = dict(model._modules), dict(inner._modules)
+    inner_view.layers = torch.nn.ModuleList(list(inner.layers)[:layers])
+    view.model = inner_view
+    view.config = copy.deepcopy(model.config)
+    view.config.num_hidden_layers = layers
+    if getattr(view.config, "layer_types", None):
+        view.config.layer_types = view.config.layer_types[:layers]
+    view.model.config = view.config
+    return view
+
+
+class NGramDrafter(Drafter):
+    """Prompt lookup: the tokens that followed the longest matching suffix (at most ``n`` tokens) in the context,
+    most frequent first. No distribution: drafts are judged on the token alone."""
+
+    has_logits = False
+
+    def __init__(self, n: int):
+        if n < 1:
+            raise ValueError(f"ngram:N needs N >= 1, got {n}")
+        self.n, self.spec = n, f"ngram:{n}"
+
+    def _continuations(self, seq: torch.Tensor) -> list[int]:
+        """Tokens that followed earlier occurrences of the longest suffix of ``seq`` found, most frequent first."""
+        for size in range(min(self.n, len(seq) - 1), 0, -1):
+            suffix = seq[-size:]
+            windows = seq[:-1].unfold(0, size, 1)  # [T - size, size]; a window must have a successor
+            hits = (windows == suffix).all(-1).nonzero()[:, 0]
+            if len(hits):
+                nxt = seq[hits + size]
+                values, counts = nxt.unique(return_counts=True)
+                # most frequent first, then the most recent occurrence
+                last = torch.stack([hits[nxt == v].max() for v in values])
+                order = sorted(range(len(values)), key=lambda i: (-int(counts[i]), -int(last[i])))
+                return [int(values[i]) for i in order]
+        return []
+
+    def propose(self, context: list[int], widths: list[int]) -> DraftTree:
+        tokens, parents, paths = [], [], {-1: list(context)}
+        frontier = [-1]
+        for width in widths:
+            nxt = []
+            for pos in frontier:
+                for tok in self._continuations(torch.tensor(paths[pos]))[:width]:
+                    tokens.append(tok)
+                    parents.append(pos)
+                    paths[len(tokens) - 1] = paths[pos] + [tok]
+                    nxt.append(len(tokens) - 1)
+            frontier = nxt
+            if not frontier:
+                break
+        return DraftTree(tokens, parents, None, [False] * (1 + len(tokens)))
+
+
+def drafter_from_spec(spec: str, target: LoadedModel) -> Drafter:
+    """Build a drafter from its spec string (see the module docstring) for the given target."""
+    kind, _, arg = spec.partition(":")
+    if kind == "ngram":
+        try:
+            return NGramDrafter(int(arg or 3))
+        except ValueError:
+            raise ValueError(f"drafter spec {spec!r}: ngram takes a whole number, e.g. ngram:3") from None
+    if kind == "layerskip":
+        try:
+            layers = int(arg)
+        except ValueError:
+            raise ValueError(f"drafter spec {spec!r}: layerskip takes a layer count, e.g. layerskip:8") from None
+        return ModelDrafter(layer_skip_view(target.model, layers), spec)
+    if kind == "model":
+        if not arg:
+            raise ValueError(f"drafter spec {spec!r}: give a model, e.g. model:path/to/model")
+        draft = load_model(arg)
+        if draft.vocab_size != target.vocab_size:
+            raise ValueError(
+                f"drafter {arg!r} has a vocabulary of {draft.vocab_size} tokens but the target {target.name!r} has "
+                f"{target.vocab_size}: a drafter must share the target's vocabulary"
+            )
+        return ModelDrafter(draft.model, spec)
+    raise ValueError(f"unknown drafter spec {spec!r}; use model:SPEC, layerskip:L or ngram:N")

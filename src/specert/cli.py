@@ -92,5 +92,59 @@ def bench(batch, vocab, repeat):
         click.echo(f"{name:28s} {seconds * 1000:9.1f} {ratio:12.2f}")
 
 
+@main.command()
+@click.option("--prompt", required=True, help="The user turn (goes through the chat template).")
+@click.option("--target", default="smollm2-135m", show_default=True, help="Model spec of the target.")
+@click.option("--drafter", default="ngram:3", show_default=True, help="model:SPEC, layerskip:L or ngram:N.")
+@click.option("--rule", "rule_spec", default="greedy", show_default=True, help="Acceptance rule spec.")
+@click.option("--k", type=int, default=None, help="Chain length (default 4).")
+@click.option("--tree", default=None, help="Tree widths per depth, e.g. 4,2,1 (instead of --k).")
+@click.option("--max-new-tokens", default=128, show_default=True)
+@click.option("--trace", "trace_file", type=click.Path(dir_okay=False), help="Write the per-position trace (Parquet).")
+@click.option("--compare", is_flag=True, help="Also decode with the target alone; report the speedup.")
+@_fail_cleanly
+def generate(prompt, target, drafter, rule_spec, k, tree, max_new_tokens, trace_file, compare):
+    """Decode PROMPT speculatively and print the text with its acceptance statistics."""
+    from specert.decoding import generate as decode
+    from specert.decoding import parse_widths
+    from specert.drafters import check_drafter_spec, drafter_from_spec
+    from specert.models import encode_prompt, load_model
+    from specert.trace import SpecDecodeMetrics, write_trace
+
+    if not prompt.strip():
+        raise ValueError("--prompt is empty")
+    r = rule(rule_spec)
+    parse_widths(k, tree)
+    check_drafter_spec(drafter)
+    if max_new_tokens < 1:
+        raise ValueError("--max-new-tokens must be >= 1")
+    loaded = load_model(target)
+    ids = encode_prompt(loaded, prompt)
+    proposer = drafter_from_spec(drafter, loaded)
+    gen = decode(loaded, ids, proposer, r, k=k, tree=tree, max_new_tokens=max_new_tokens, trace=True)
+    metrics = SpecDecodeMetrics()
+    metrics.observe(gen)
+    click.echo(loaded.tokenizer.decode(gen.tokens, skip_special_tokens=True))
+    click.echo("")
+    shape = f"tree {tree}" if tree else f"k={k or 4}"
+    click.echo(f"target {target} | drafter {drafter} | rule {r} | {shape}")
+    click.echo(f"{len(gen.tokens)} tokens in {gen.seconds:.2f} s ({gen.tokens_per_second:.1f} tokens/s), "
+               f"{gen.steps} target forwards")
+    click.echo(f"mean acceptance length {metrics.mean_acceptance_length:.2f}, draft acceptance rate "
+               f"{metrics.draft_acceptance_rate:.2f}, per position "
+               + " ".join(f"{a:.2f}" for a in metrics.acceptance_rate_per_position))
+    click.echo(f"certified positions {metrics.certified_positions}/{metrics.traced_positions}, "
+               f"soundness violations {metrics.soundness_violations}")
+    if compare:
+        base = decode(loaded, ids, None, max_new_tokens=max_new_tokens)
+        same = "identical to" if base.tokens == gen.tokens else "differs from"
+        click.echo(f"target alone: {base.tokens_per_second:.1f} tokens/s; speedup "
+                   f"{gen.tokens_per_second / base.tokens_per_second:.2f}x; output {same} the target's greedy text")
+    if trace_file:
+        write_trace(trace_file, [gen], {"target": target, "drafter": drafter, "rule": str(r), "shape": shape,
+                                        "prompt": prompt})
+        click.echo(f"trace: {trace_file}")
+
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -176,7 +176,8 @@ def generate(target: LoadedModel, prompt: list[int], drafter: Drafter | None = N
             out.verified.append(1 + (len(tree_.tokens) if tree_ else 0))
             if trace and tree_ is not None:
                 t0 = time.perf_counter()
-                out.trace += trace_positions(out.steps - 1, len(out.tokens) - len(emitted), tree_, logits, path, r)
+                rows = trace_positions(out.steps - 1, len(out.tokens) - len(emitted), tree_, logits, path, r)
+                out.trace += [row for row in rows if row.token_index < len(out.tokens)]  # within the budget
                 traced += time.perf_counter() - t0
             if emitted[-1] in eos:
                 break

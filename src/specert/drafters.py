@@ -189,28 +189,33 @@ class NGramDrafter(Drafter):
         return DraftTree(tokens, parents, None, [False] * (1 + len(tokens)))
 
 
+def check_drafter_spec(spec: str) -> None:
+    """Raise ``ValueError`` for a malformed drafter spec, before any model is loaded."""
+    kind, _, arg = spec.partition(":")
+    if kind not in ("model", "layerskip", "ngram"):
+        raise ValueError(f"unknown drafter spec {spec!r}; use model:SPEC, layerskip:L or ngram:N")
+    if kind in ("layerskip", "ngram") and arg and not arg.isdigit():
+        raise ValueError(f"drafter spec {spec!r}: {kind} takes a whole number, e.g. {kind}:3")
+    if kind != "ngram" and not arg:
+        raise ValueError(f"drafter spec {spec!r}: {kind} needs an argument, e.g. layerskip:8 or model:path")
+
+
 def drafter_from_spec(spec: str, target: LoadedModel) -> Drafter:
     """Build a drafter from its spec string (see the module docstring) for the given target."""
+    check_drafter_spec(spec)
     kind, _, arg = spec.partition(":")
     if kind == "ngram":
-        try:
-            return NGramDrafter(int(arg or 3))
-        except ValueError:
-            raise ValueError(f"drafter spec {spec!r}: ngram takes a whole number, e.g. ngram:3") from None
+        return NGramDrafter(int(arg or 3))
     if kind == "layerskip":
-        try:
-            layers = int(arg)
-        except ValueError:
-            raise ValueError(f"drafter spec {spec!r}: layerskip takes a layer count, e.g. layerskip:8") from None
-        return ModelDrafter(layer_skip_view(target.model, layers), spec)
-    if kind == "model":
-        if not arg:
-            raise ValueError(f"drafter spec {spec!r}: give a model, e.g. model:path/to/model")
-        draft = load_model(arg)
-        if draft.vocab_size != target.vocab_size:
-            raise ValueError(
-                f"drafter {arg!r} has a vocabulary of {draft.vocab_size} tokens but the target {target.name!r} has "
-                f"{target.vocab_size}: a drafter must share the target's vocabulary"
-            )
-        return ModelDrafter(draft.model, spec)
-    raise ValueError(f"unknown drafter spec {spec!r}; use model:SPEC, layerskip:L or ngram:N")
+        return ModelDrafter(layer_skip_view(target.model, int(arg)), spec)
+    return model_drafter(load_model(arg), target, spec)
+
+
+def model_drafter(draft: LoadedModel, target: LoadedModel, spec: str | None = None) -> ModelDrafter:
+    """A separate model as drafter; refused unless it scores the target's vocabulary."""
+    if draft.vocab_size != target.vocab_size:
+        raise ValueError(
+            f"drafter {draft.name!r} has a vocabulary of {draft.vocab_size} tokens but the target {target.name!r} has "
+            f"{target.vocab_size}: a drafter must share the target's vocabulary"
+        )
+    return ModelDrafter(draft.model, spec or f"model:{draft.name}")

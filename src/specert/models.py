@@ -68,7 +68,10 @@ def load_model(spec: str) -> LoadedModel:
     if spec in _LOADED:
         return _LOADED[spec]
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.set_verbosity_error()  # our errors say what went wrong; keep the loaders' chatter out
+    hf_logging.disable_progress_bar()
     if spec == EMBEDDED:
         source, gguf = embedded_gguf_path().parent, _EMBEDDED_FILE
     elif spec.endswith(".gguf"):
@@ -78,12 +81,14 @@ def load_model(spec: str) -> LoadedModel:
         source, gguf = path.parent, path.name
     else:
         path = Path(spec)
+        looks_local = spec.startswith((".", "/", "~")) or spec.count("/") > 1
+        if looks_local and not path.exists():
+            raise ValueError(f"model spec {spec!r}: no such directory")
         if path.exists() and not (path / "config.json").is_file():
             raise ValueError(f"model spec {spec!r}: the directory has no config.json (not a Hugging Face model)")
         source, gguf = spec, None
     kwargs = {"gguf_file": gguf} if gguf else {}
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, **kwargs)
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -91,6 +96,10 @@ def load_model(spec: str) -> LoadedModel:
             f"could not load model {spec!r} ({first}); give '{EMBEDDED}', a .gguf file, a local model directory, "
             "or a hub id where the hub can be reached"
         ) from None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    except (OSError, ValueError, TypeError):
+        tokenizer = None  # a model saved without one decodes token ids only
     model.eval()
     loaded = LoadedModel(model, tokenizer, spec)
     _LOADED[spec] = loaded
@@ -140,7 +149,7 @@ def cache_length(cache) -> int:
 @torch.inference_mode()
 def forward(model, cache, tokens: list[int], positions: list[int] | None = None,
             attend: torch.Tensor | None = None) -> torch.Tensor:
-    """Run ``tokens`` after what ``cache`` holds; return their logits ``[len(tokens), V]`` (float32).
+    """Run ``tokens`` after what ``cache`` holds; return their logits ``[len(tokens), V]`` (float32 or float64).
 
     Args:
         positions: position ids of the tokens (tree nodes share depths); default: right after the cache.
@@ -157,8 +166,8 @@ def forward(model, cache, tokens: list[int], positions: list[int] | None = None,
         mask = torch.zeros(attend.shape, dtype=dtype).masked_fill_(~attend, torch.finfo(dtype).min)
         kwargs["attention_mask"] = mask[None, None]  # [1, 1, q, past + q]
         kwargs["cache_position"] = torch.arange(past, past + len(tokens))
-    out = model(input_ids=ids, **kwargs)
-    return out.logits[0].float()
+    logits = model(input_ids=ids, **kwargs).logits[0]
+    return logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
 
 
 def keep_cache(cache, keep_from: int, slots: list[int]) -> None:

@@ -1,0 +1,158 @@
+"""The speculative decoder on tiny random Llama and Qwen3 models: exactness, rules, soundness, trace."""
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from reference import accepted_tokens, softmax
+from specert.decoding import generate, parse_widths
+from specert.drafters import ModelDrafter, NGramDrafter, layer_skip_view, model_drafter
+from specert.rules import rule
+from specert.trace import SpecDecodeMetrics, write_trace
+from tiny import tiny_model
+
+PROMPT = [5, 17, 42, 17, 99, 3, 17, 42]
+SHAPES = [dict(k=1), dict(k=3), dict(k=6), dict(tree="3,2,1"), dict(tree="2,2,2,2")]
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen3"])
+def target(request):
+    return tiny_model(request.param, seed=1)
+
+
+def _drafters(target):
+    other = tiny_model("llama" if "llama" in target.name else "qwen3", seed=2, layers=2)
+    return [
+        ModelDrafter(layer_skip_view(target.model, 2), "layerskip:2"),
+        NGramDrafter(2),
+        model_drafter(other, target),
+        ModelDrafter(target.model, "self"),  # the target itself: every draft is certified and accepted
+    ]
+
+
+def test_strict_greedy_reproduces_target_greedy(target):
+    base = generate(target, PROMPT, max_new_tokens=40).tokens
+    assert len(base) == 40
+    for drafter in _drafters(target):
+        for shape in SHAPES:
+            out = generate(target, PROMPT, drafter, "greedy", max_new_tokens=40, **shape)
+            assert out.tokens == base, (drafter.spec, shape)
+        out = generate(target, PROMPT, drafter, "tree:3", max_new_tokens=40, tree="3,2")
+        assert out.tokens == base
+
+
+def test_eos_and_max_new_tokens(target):
+    base = generate(target, PROMPT, max_new_tokens=30).tokens
+    eos = base[12]
+    with_eos = tiny_model("llama" if "llama" in target.name else "qwen3", seed=1, eos=eos)
+    stop = base.index(eos) + 1
+    plain = generate(with_eos, PROMPT, max_new_tokens=30).tokens
+    assert plain == base[:stop]
+    for drafter in _drafters(with_eos):
+        for shape in SHAPES:
+            assert generate(with_eos, PROMPT, drafter, max_new_tokens=30, **shape).tokens == base[:stop]
+            assert generate(with_eos, PROMPT, drafter, max_new_tokens=7, **shape).tokens == base[:7]
+
+
+def test_the_self_drafter_accepts_everything_and_is_certified(target):
+    out = generate(target, PROMPT, ModelDrafter(target.model, "self"), max_new_tokens=30, k=4, trace=True)
+    m = SpecDecodeMetrics()
+    m.observe(out)
+    assert m.mean_acceptance_length > 4  # every draft accepted: 5 tokens per forward (bonus included)
+    assert m.certified_positions == m.traced_positions > 0
+    assert m.soundness_violations == 0
+
+
+@pytest.mark.parametrize("spec", ["additive:0.3", "multiplicative:0.1", "topm:3", "typical:0.09,0.3",
+                                  "topm:10&additive:0.6"])
+def test_relaxed_rules_accept_only_what_they_accept(target, spec):
+    """Every emitted token at a traced position is either the target's greedy token or one the rule accepts
+    (judged by the reference implementation of the rule), and a rejected draft is never emitted."""
+    r = rule(spec)
+    for drafter in _drafters(target)[:3]:
+        for shape in (dict(k=4), dict(tree="3,2")):
+            out = generate(target, PROMPT, drafter, r, max_new_tokens=30, trace=True, **shape)
+            assert out.trace
+            m = SpecDecodeMetrics()
+            m.observe(out)
+            assert m.soundness_violations == 0
+            for row in out.trace:
+                if row.accepted:
+                    assert row.emitted_token in row.draft_tokens
+                else:
+                    assert row.emitted_token == row.target_token
+            # re-derive p at each traced position from a plain forward of the generated text
+            full = torch.tensor([PROMPT + out.tokens])
+            with torch.no_grad():
+                logits = target.model(full).logits[0]
+            for row in out.trace:
+                p = softmax(logits[len(PROMPT) - 1 + row.token_index].numpy())
+                ok = accepted_tokens(p, r)
+                if row.accepted:
+                    assert ok[row.emitted_token], (spec, drafter.spec, row)
+                else:
+                    assert not ok[row.draft_tokens].any(), (spec, drafter.spec, row)
+
+
+def test_relaxed_rule_accepts_more_than_greedy(target):
+    drafter = ModelDrafter(layer_skip_view(target.model, 2), "layerskip:2")
+    m_greedy, m_relaxed = SpecDecodeMetrics(), SpecDecodeMetrics()
+    m_greedy.observe(generate(target, PROMPT, drafter, "greedy", max_new_tokens=40, k=4))
+    m_relaxed.observe(generate(target, PROMPT, drafter, "topm:8", max_new_tokens=40, k=4))
+    assert m_relaxed.mean_acceptance_length >= m_greedy.mean_acceptance_length
+
+
+def test_trace_parquet(target, tmp_path):
+    drafter = ModelDrafter(layer_skip_view(target.model, 3), "layerskip:3")
+    gens = [generate(target, PROMPT, drafter, "typical:0.09,0.3", max_new_tokens=20, k=3, trace=True),
+            generate(target, PROMPT[:4], drafter, "typical:0.09,0.3", max_new_tokens=20, k=3, trace=True)]
+    path = tmp_path / "trace.parquet"
+    write_trace(path, gens, {"target": target.name, "drafter": "layerskip:3", "rule": "typical:0.09,0.3",
+                             "shape": "k=3"})
+    table = pq.read_table(path)
+    assert table.num_rows == sum(len(g.trace) for g in gens)
+    assert set(table.column("prompt_id").to_pylist()) == {0, 1}
+    for col in ["target_token", "draft_tokens", "accepted", "kl", "certificate", "certificate_greedy", "p_top1",
+                "margin", "entropy", "drafter_certificate", "rule", "drafter"]:
+        assert col in table.column_names
+    kl = np.array(table.column("kl").to_pylist())
+    assert np.isfinite(kl).all() and (kl >= 0).all()
+    assert b"specert" in table.schema.metadata
+
+
+def test_metrics_conventions():
+    from specert.decoding import Generation
+
+    g = Generation([1], [1, 2, 3, 4, 5, 6], 1.0, accepted=[2, 0, 3], drafted=[3, 3, 3], verified=[4, 4, 4])
+    m = SpecDecodeMetrics()
+    m.observe(g)
+    assert m.mean_acceptance_length == pytest.approx(1 + 5 / 3)
+    assert m.draft_acceptance_rate == pytest.approx(5 / 9)
+    assert m.acceptance_rate_per_position == pytest.approx([2 / 3, 2 / 3, 1 / 3])
+    assert m.target_tokens_per_accepted == pytest.approx(12 / 5)
+
+
+class TestBadInput:
+    def test_widths(self):
+        assert parse_widths(3) == [1, 1, 1]
+        assert parse_widths(tree="4,2,1") == [4, 2, 1]
+        for kw, msg in [(dict(k=0), ">= 1"), (dict(tree="4,x"), "widths per depth"), (dict(tree="2,0"), ">= 1"),
+                        (dict(k=2, tree="2"), "either k")]:
+            with pytest.raises(ValueError, match=msg):
+                parse_widths(**kw)
+
+    def test_vocabulary_mismatch(self, target):
+        other = tiny_model("llama", seed=3, vocab=300)
+        with pytest.raises(ValueError, match="must share the target's vocabulary"):
+            model_drafter(other, target)
+
+    def test_layerskip_depth(self, target):
+        with pytest.raises(ValueError, match="1 <= L < 4"):
+            layer_skip_view(target.model, 4)
+
+    def test_prompt_and_budget(self, target):
+        with pytest.raises(ValueError, match="empty"):
+            generate(target, [], max_new_tokens=4)
+        with pytest.raises(ValueError, match="exceed the context"):
+            generate(target, list(range(10)), max_new_tokens=600)

@@ -146,5 +146,35 @@ def generate(prompt, target, drafter, rule_spec, k, tree, max_new_tokens, trace_
         click.echo(f"trace: {trace_file}")
 
 
+@main.command("eval")
+@click.option("--target", default="smollm2-135m", show_default=True, help="Model spec of the target.")
+@click.option("--prompts", default="sharegpt", show_default=True,
+              help="'sharegpt' (ShareGPT V3) or a JSONL file (Spec-Bench's question.jsonl gives categories).")
+@click.option("--num-prompts", default=32, show_default=True)
+@click.option("--steps", default=64, show_default=True, help="Greedy steps (new tokens) per prompt.")
+@click.option("--rule", "rules", multiple=True, help="Rule spec (repeatable); default: the standard set.")
+@click.option("--drafter", "drafters", multiple=True, help="Drafter spec (repeatable): model:SPEC, layerskip:L, ngram:N.")
+@click.option("--decode-rule", "decode_rules", multiple=True,
+              help="Rules to decode for real with each drafter (repeatable); default: greedy and Medusa's typical.")
+@click.option("--decode-prompts", default=8, show_default=True, help="Prompts decoded for real (batch 1) per run.")
+@click.option("--k", default=4, show_default=True, help="Draft length of the real decoding runs.")
+@click.option("--batch-size", default=16, show_default=True, help="Prompts per batched target forward.")
+@click.option("--max-prompt-tokens", default=512, show_default=True, help="Longer prompts are dropped.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the ShareGPT sample.")
+@click.option("--out", default="specert-report", show_default=True, type=click.Path(file_okay=False),
+              help="Output folder; an interrupted run resumes from it.")
+@_fail_cleanly
+def eval_(target, prompts, num_prompts, steps, rules, drafters, decode_rules, decode_prompts, k, batch_size,
+          max_prompt_tokens, seed, out):
+    """The paper's study on real prompts, with real drafters, speed and quality; writes a report folder."""
+    from specert.evaluation import EvalConfig, run_eval
+
+    cfg = EvalConfig(target=target, prompts=prompts, num_prompts=num_prompts, steps=steps,
+                     rules=tuple(rules) or STANDARD_RULES, drafters=tuple(drafters),
+                     decode_rules=tuple(decode_rules) or ("greedy", "typical:0.09,0.3"), decode_prompts=decode_prompts,
+                     k=k, batch_size=batch_size, max_prompt_tokens=max_prompt_tokens, seed=seed)
+    run_eval(cfg, out)
+
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -157,7 +157,7 @@ class NGramDrafter(Drafter):
             raise ValueError(f"ngram:N needs N >= 1, got {n}")
         self.n, self.spec = n, f"ngram:{n}"
 
-    def _continuations(self, seq: torch.Tensor) -> list[int]:
+    def continuations(self, seq: torch.Tensor) -> list[int]:
         """Tokens that followed earlier occurrences of the longest suffix of ``seq`` found, most frequent first."""
         for size in range(min(self.n, len(seq) - 1), 0, -1):
             suffix = seq[-size:]
@@ -178,7 +178,7 @@ class NGramDrafter(Drafter):
         for width in widths:
             nxt = []
             for pos in frontier:
-                for tok in self._continuations(torch.tensor(paths[pos]))[:width]:
+                for tok in self.continuations(torch.tensor(paths[pos]))[:width]:
                     tokens.append(tok)
                     parents.append(pos)
                     paths[len(tokens) - 1] = paths[pos] + [tok]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,6 +89,8 @@ def load_model(spec: str) -> LoadedModel:
             raise ValueError(f"model spec {spec!r}: the directory has no config.json (not a Hugging Face model)")
         source, gguf = spec, None
     kwargs = {"gguf_file": gguf} if gguf else {}
+    quiet = os.environ.get("TQDM_DISABLE")
+    os.environ["TQDM_DISABLE"] = "1"  # the GGUF dequantizer draws its own progress bar
     try:
         model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, **kwargs)
     except (OSError, ValueError) as e:
@@ -96,6 +99,11 @@ def load_model(spec: str) -> LoadedModel:
             f"could not load model {spec!r} ({first}); give '{EMBEDDED}', a .gguf file, a local model directory, "
             "or a hub id where the hub can be reached"
         ) from None
+    finally:
+        if quiet is None:
+            os.environ.pop("TQDM_DISABLE", None)
+        else:
+            os.environ["TQDM_DISABLE"] = quiet
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
     except (OSError, ValueError, TypeError):
@@ -187,3 +195,36 @@ def keep_cache(cache, keep_from: int, slots: list[int]) -> None:
             if src is not None:
                 t[..., keep_from:end, :] = t[..., src, :]
             setattr(layer, name, t[..., :end, :])
+
+
+@torch.inference_mode()
+def batched_greedy(model, prompts: list[list[int]], steps: int, eos: set[int]):
+    """Greedy decoding of several prompts at once (left-padded, one target forward per step for all of them).
+
+    Yields ``(step, logits [B, V], tokens [B], alive [B])`` for ``step = 0 .. steps-1``: ``logits`` are the
+    target's next-token logits, ``tokens`` their greedy tokens, ``alive`` False for prompts that already ended
+    with an EOS token (their rows are computed but meaningless). Stops early when every prompt has ended.
+    """
+    b, width = len(prompts), max(len(p) for p in prompts)
+    ids = torch.zeros(b, width, dtype=torch.long)
+    mask = torch.zeros(b, width, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(p)
+        mask[i, width - len(p):] = 1
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    cache = new_cache(model)
+    key = _cache_kwarg(model)
+    alive = torch.ones(b, dtype=torch.bool)
+    eos_ids = torch.tensor(sorted(eos), dtype=torch.long)
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **{key: cache}).logits
+    for step in range(steps):
+        last = logits[:, -1].float() if logits.dtype not in (torch.float32, torch.float64) else logits[:, -1]
+        tokens = last.argmax(-1)
+        yield step, last, tokens, alive.clone()
+        alive &= ~torch.isin(tokens, eos_ids)
+        if not alive.any() or step == steps - 1:
+            return
+        mask = torch.cat([mask, torch.ones(b, 1, dtype=torch.long)], -1)
+        positions = positions[:, -1:] + 1
+        logits = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=positions, use_cache=True,
+                       **{key: cache}).logits

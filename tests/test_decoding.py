@@ -6,14 +6,16 @@ import pytest
 import torch
 
 from reference import accepted_tokens, softmax
-from specert.decoding import generate, parse_widths
+from specert.decoding import generate
 from specert.drafters import ModelDrafter, NGramDrafter, layer_skip_view, model_drafter
 from specert.rules import rule
+from specert.schedules import make_schedule
 from specert.trace import SpecDecodeMetrics, write_trace
 from tiny import tiny_model
 
 PROMPT = [5, 17, 42, 17, 99, 3, 17, 42]
-SHAPES = [dict(k=1), dict(k=3), dict(k=6), dict(tree="3,2,1"), dict(tree="2,2,2,2")]
+SHAPES = [dict(k=1), dict(k=3), dict(k=6), dict(tree="3,2,1"), dict(tree="2,2,2,2"), dict(k="auto"),
+          dict(tree="auto:12"), dict(k="heuristic")]
 
 
 @pytest.fixture(scope="module", params=["llama", "qwen3"])
@@ -121,6 +123,33 @@ def test_trace_parquet(target, tmp_path):
     assert b"specert" in table.schema.metadata
 
 
+def test_certified_schedule_guarantee_and_economy(target):
+    """The auto schedules: wherever KL <= eps_hat the target's greedy token was covered (D_q soundness, live);
+    a drafter close to the target drafts full chains, an unrelated one drafts less than a fixed chain."""
+    close = ModelDrafter(target.model, "self")
+    far = model_drafter(tiny_model("llama" if "llama" in target.name else "qwen3", seed=9, layers=1), target)
+    for drafter in (close, far, ModelDrafter(layer_skip_view(target.model, 2), "layerskip:2")):
+        for shape in (dict(k="auto"), dict(tree="auto:12")):
+            out = generate(target, PROMPT, drafter, max_new_tokens=40, **shape)
+            assert out.audit["held_covered"] == out.audit["held"]
+    full = generate(target, PROMPT, close, max_new_tokens=40, k="auto:6")
+    assert min(full.drafted[:-1]) == 6 and out.audit is not None
+    auto = generate(target, PROMPT, far, max_new_tokens=40, k="auto:8")
+    fixed = generate(target, PROMPT, far, max_new_tokens=40, k=8)
+    assert sum(auto.verified) / auto.steps < sum(fixed.verified) / fixed.steps
+
+
+def test_heuristic_schedule_grows_and_shrinks(target):
+    from specert.schedules import HeuristicSchedule
+
+    sched = HeuristicSchedule(5)
+    out = generate(target, PROMPT, ModelDrafter(target.model, "self"), max_new_tokens=40, k="heuristic")
+    assert max(out.drafted) > 5  # all accepted: +2 per step
+    tree = type("T", (), {"tokens": [1, 2, 3]})()
+    sched.observe(tree, None, [0])
+    assert sched.max_depth == 4
+
+
 def test_metrics_conventions():
     from specert.decoding import Generation
 
@@ -135,12 +164,14 @@ def test_metrics_conventions():
 
 class TestBadInput:
     def test_widths(self):
-        assert parse_widths(3) == [1, 1, 1]
-        assert parse_widths(tree="4,2,1") == [4, 2, 1]
+        assert make_schedule(3).schedule == [1, 1, 1]
+        assert make_schedule(tree="4,2,1").schedule == [4, 2, 1]
+        assert make_schedule(tree="4,2,1").max_nodes == 4 + 8 + 8
         for kw, msg in [(dict(k=0), ">= 1"), (dict(tree="4,x"), "widths per depth"), (dict(tree="2,0"), ">= 1"),
-                        (dict(k=2, tree="2"), "either k")]:
+                        (dict(k=2, tree="2"), "either k"), (dict(k="auto:x"), "whole number"),
+                        (dict(tree="heuristic"), "drafts chains"), (dict(k="fast"), "auto")]:
             with pytest.raises(ValueError, match=msg):
-                parse_widths(**kw)
+                make_schedule(**kw)
 
     def test_vocabulary_mismatch(self, target):
         other = tiny_model("llama", seed=3, vocab=300)

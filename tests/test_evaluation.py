@@ -10,8 +10,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
-from conftest import SPEC_BENCH
 
+from conftest import SPEC_BENCH
 from specert.cli import main
 from specert.evaluation import EvalConfig, run_eval
 from specert.report import certified_run_length

@@ -3,8 +3,8 @@
 import json
 
 import pytest
-from conftest import SPEC_BENCH
 
+from conftest import SPEC_BENCH
 from specert.prompts import load_prompts
 
 

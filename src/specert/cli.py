@@ -97,31 +97,33 @@ def bench(batch, vocab, repeat):
 @click.option("--target", default="smollm2-135m", show_default=True, help="Model spec of the target.")
 @click.option("--drafter", default="ngram:3", show_default=True, help="model:SPEC, layerskip:L or ngram:N.")
 @click.option("--rule", "rule_spec", default="greedy", show_default=True, help="Acceptance rule spec.")
-@click.option("--k", type=int, default=None, help="Chain length (default 4).")
-@click.option("--tree", default=None, help="Tree widths per depth, e.g. 4,2,1 (instead of --k).")
+@click.option("--k", default=None, help="Chain length (default 4), auto[:K] (certified) or heuristic[:K].")
+@click.option("--tree", default=None, help="Tree widths per depth, e.g. 4,2,1, or auto[:B] (instead of --k).")
+@click.option("--quantile", default=0.9, show_default=True, help="KL quantile the auto schedules certify against.")
 @click.option("--max-new-tokens", default=128, show_default=True)
 @click.option("--trace", "trace_file", type=click.Path(dir_okay=False), help="Write the per-position trace (Parquet).")
 @click.option("--compare", is_flag=True, help="Also decode with the target alone; report the speedup.")
 @_fail_cleanly
-def generate(prompt, target, drafter, rule_spec, k, tree, max_new_tokens, trace_file, compare):
+def generate(prompt, target, drafter, rule_spec, k, tree, quantile, max_new_tokens, trace_file, compare):
     """Decode PROMPT speculatively and print the text with its acceptance statistics."""
     from specert.decoding import generate as decode
-    from specert.decoding import parse_widths
     from specert.drafters import check_drafter_spec, drafter_from_spec
     from specert.models import encode_prompt, load_model
+    from specert.schedules import make_schedule
     from specert.trace import SpecDecodeMetrics, write_trace
 
     if not prompt.strip():
         raise ValueError("--prompt is empty")
     r = rule(rule_spec)
-    parse_widths(k, tree)
+    make_schedule(k, tree, quantile)
     check_drafter_spec(drafter)
     if max_new_tokens < 1:
         raise ValueError("--max-new-tokens must be >= 1")
     loaded = load_model(target)
     ids = encode_prompt(loaded, prompt)
     proposer = drafter_from_spec(drafter, loaded)
-    gen = decode(loaded, ids, proposer, r, k=k, tree=tree, max_new_tokens=max_new_tokens, trace=True)
+    gen = decode(loaded, ids, proposer, r, k=k, tree=tree, max_new_tokens=max_new_tokens, trace=True,
+                 quantile=quantile)
     metrics = SpecDecodeMetrics()
     metrics.observe(gen)
     click.echo(loaded.tokenizer.decode(gen.tokens, skip_special_tokens=True))
@@ -135,6 +137,10 @@ def generate(prompt, target, drafter, rule_spec, k, tree, max_new_tokens, trace_
                + " ".join(f"{a:.2f}" for a in metrics.acceptance_rate_per_position))
     click.echo(f"certified positions {metrics.certified_positions}/{metrics.traced_positions}, "
                f"soundness violations {metrics.soundness_violations}")
+    if gen.audit:
+        a = gen.audit
+        click.echo(f"guarantee audit: KL <= estimate at {a['held']} positions, target token covered at "
+                   f"{a['held_covered']}; estimate exceeded at {a['exceeded']}")
     if compare:
         base = decode(loaded, ids, None, max_new_tokens=max_new_tokens)
         same = "identical to" if base.tokens == gen.tokens else "differs from"

@@ -30,6 +30,7 @@ from specert.drafters import Drafter, DraftTree, ancestors
 from specert.models import LoadedModel, cache_length, forward, keep_cache, new_cache
 from specert.rules import Rule
 from specert.rules import rule as as_rule
+from specert.schedules import Schedule, make_schedule
 from specert.trace import StepTrace, trace_positions
 
 
@@ -44,6 +45,7 @@ class Generation:
     drafted: list[int] = field(default_factory=list)  # positions with drafted tokens per step (the chain length)
     verified: list[int] = field(default_factory=list)  # tokens the target ran per step (1 + tree nodes)
     trace: list[StepTrace] = field(default_factory=list)
+    audit: dict = field(default_factory=dict)  # the certified schedule's guarantee audit (specert.schedules)
 
     @property
     def steps(self) -> int:
@@ -52,25 +54,6 @@ class Generation:
     @property
     def tokens_per_second(self) -> float:
         return len(self.tokens) / self.seconds if self.seconds > 0 else float("nan")
-
-
-def parse_widths(k: int | None = None, tree: str | list[int] | None = None) -> list[int]:
-    """The width schedule: ``[1] * k`` for a chain, or the per-depth widths of a tree (``"4,2,1"``)."""
-    if tree is not None and k is not None:
-        raise ValueError("give either k (a chain) or a tree width schedule, not both")
-    if tree is None:
-        k = 4 if k is None else k
-        if not isinstance(k, int) or k < 1:
-            raise ValueError(f"k (draft length) must be a whole number >= 1, got {k!r}")
-        return [1] * k
-    if isinstance(tree, str):
-        try:
-            tree = [int(w) for w in tree.split(",")]
-        except ValueError:
-            raise ValueError(f"a tree schedule is widths per depth such as 4,2,1; got {tree!r}") from None
-    if not tree or any(w < 1 for w in tree):
-        raise ValueError(f"a tree schedule needs widths >= 1 per depth, got {tree!r}")
-    return list(tree)
 
 
 def _longest_path(tree: DraftTree, ok: list[bool], score: list[float]) -> list[int]:
@@ -90,9 +73,9 @@ def _longest_path(tree: DraftTree, ok: list[bool], score: list[float]) -> list[i
 
 
 @torch.inference_mode()
-def _step(target, cache, drafter: Drafter, r: Rule, context: list[int], widths: list[int]):
+def _step(target, cache, drafter: Drafter, r: Rule, context: list[int], schedule: Schedule):
     """One speculative step: returns (emitted tokens, tree, target logits [1 + N, V], path)."""
-    tree = drafter.propose(context, widths)  # 1. propose
+    tree = drafter.propose(context, schedule)  # 1. propose
     past = cache_length(cache)
     n = len(tree.tokens)
     chain = all(p == i - 1 for i, p in enumerate(tree.parents))
@@ -115,12 +98,13 @@ def _step(target, cache, drafter: Drafter, r: Rule, context: list[int], widths: 
         path = []
     bonus = int(logits[path[-1] + 1 if path else 0].argmax())
     keep_cache(cache, past + 1, [past + 1 + i for i in path])  # 4. sync: keep the accepted path only
+    schedule.observe(tree, logits, path)
     return [tree.tokens[i] for i in path] + [bonus], tree, logits, path
 
 
 def generate(target: LoadedModel, prompt: list[int], drafter: Drafter | None = None, rule: str | Rule = "greedy",
-             k: int | None = None, tree: str | list[int] | None = None, max_new_tokens: int = 128,
-             trace: bool = False, stop_at_eos: bool = True) -> Generation:
+             k: int | str | None = None, tree: str | list[int] | None = None, max_new_tokens: int = 128,
+             trace: bool = False, stop_at_eos: bool = True, quantile: float = 0.9) -> Generation:
     """Decode greedily from ``prompt`` (token ids) with speculative verification under ``rule``.
 
     Without a drafter this is plain greedy decoding, one target forward per token. With strict greedy the output
@@ -131,18 +115,20 @@ def generate(target: LoadedModel, prompt: list[int], drafter: Drafter | None = N
         prompt: prompt token ids (see :func:`specert.models.encode_prompt`).
         drafter: a :class:`~specert.drafters.Drafter`, or None.
         rule: acceptance rule (spec or object); ``tree:m`` verifies as strict greedy.
-        k: chain length (default 4) or ``tree``: width per depth, e.g. ``"4,2,1"``.
+        k: chain length (default 4), ``"auto[:K]"`` or ``"heuristic[:K]"``; or ``tree``: widths per depth such as
+            ``"4,2,1"``, or ``"auto[:B]"`` (see :mod:`specert.schedules`).
         max_new_tokens: at most this many generated tokens.
         trace: record a :class:`~specert.trace.StepTrace` per verified position (certificates, KL, ...).
         stop_at_eos: stop after the model's end-of-sequence token.
+        quantile: the quantile of observed KLs that the certified (auto) schedules use as eps_hat.
     """
     r = as_rule(rule)
-    widths = parse_widths(k, tree) if drafter is not None else []
+    schedule = make_schedule(k, tree, quantile) if drafter is not None else None
     if not prompt:
         raise ValueError("the prompt is empty")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if len(prompt) + max_new_tokens + sum(widths) > target.context_length:
+    if len(prompt) + max_new_tokens + (schedule.max_nodes if schedule else 0) > target.context_length:
         raise ValueError(
             f"prompt ({len(prompt)} tokens) + max_new_tokens ({max_new_tokens}) + drafts exceed the context of "
             f"{target.context_length} tokens"
@@ -162,7 +148,7 @@ def generate(target: LoadedModel, prompt: list[int], drafter: Drafter | None = N
                 logits = forward(target.model, cache, [context[-1]])
                 emitted, tree_, path = [int(logits[-1].argmax())], None, []
             else:
-                emitted, tree_, logits, path = _step(target, cache, drafter, r, context, widths)
+                emitted, tree_, logits, path = _step(target, cache, drafter, r, context, schedule)
                 drafter.observe(len(path))
             emitted = emitted[: max_new_tokens - len(out.tokens)]
             for i, tok in enumerate(emitted):
@@ -182,4 +168,5 @@ def generate(target: LoadedModel, prompt: list[int], drafter: Drafter | None = N
             if emitted[-1] in eos:
                 break
     out.seconds = time.perf_counter() - start - traced
+    out.audit = schedule.audit() if schedule else {}
     return out

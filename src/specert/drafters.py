@@ -1,10 +1,11 @@
 """Drafters: cheap proposers of the tokens a target verifies, behind one small interface.
 
 A drafter proposes a *draft tree* after a context: the root is the context's end, and each node's children are the
-drafter's top-w tokens after the path to it, w set per depth by a width schedule. A chain of k tokens is the
-schedule ``[1] * k``. With the tree the drafter returns its logits at every expanded position (the distribution q
-its children were drawn from) or, for drafters with no distribution (n-gram lookup), ``None``: those drafts are
-judged by the rule on the token alone (for strict greedy: exact match).
+drafter's top-w tokens after the path to it, w given by a :mod:`~specert.schedules` schedule (fixed per depth, or
+decided from the drafter's own certificate). A chain of k tokens is the schedule ``[1] * k``. With the tree the
+drafter returns its logits at every expanded position (the distribution q its children were drawn from) or, for
+drafters with no distribution (n-gram lookup), ``None``: those drafts are judged by the rule on the token alone
+(for strict greedy: exact match).
 
 ================  =======================================================================================
 spec              drafter
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from specert.models import LoadedModel, cache_length, forward, keep_cache, load_model, new_cache
+from specert.schedules import Schedule
 
 
 @dataclass
@@ -61,7 +63,8 @@ class Drafter:
     spec: str = "?"
     has_logits: bool = True
 
-    def propose(self, context: list[int], widths: list[int]) -> DraftTree:
+    def propose(self, context: list[int], schedule: Schedule) -> DraftTree:
+        """Draft a tree after ``context`` (whose last token the target has not run yet), shaped by ``schedule``."""
         raise NotImplementedError
 
     def observe(self, accepted: int) -> None:
@@ -87,19 +90,21 @@ class ModelDrafter(Drafter):
         self.cached = list(context)
         return logits[-1]
 
-    def propose(self, context: list[int], widths: list[int]) -> DraftTree:
-        rows = [self._sync(context)]  # [V] after the root
+    def propose(self, context: list[int], schedule: Schedule) -> DraftTree:
+        rows = [self._sync(context)]  # [V] logits after the root, then after each scored node
         tokens, parents = [], []
-        frontier = [-1]  # positions expanded at the current depth
+        frontier = [-1]  # positions to expand at the current depth
         base = len(context)
-        for depth, width in enumerate(widths):
+        for depth in range(schedule.max_depth):
+            q = torch.stack([rows[p + 1] for p in frontier])  # [F, V]
+            widths = schedule.widths(depth, q, len(frontier), schedule.budget - len(tokens))
             level_start = len(tokens)
-            for pos in frontier:
-                top = torch.topk(rows[pos + 1], width).indices.tolist()
-                tokens += top
-                parents += [pos] * width
+            for pos, width in zip(frontier, widths):
+                if width:
+                    tokens += torch.topk(rows[pos + 1], width).indices.tolist()
+                    parents += [pos] * width
             frontier = list(range(level_start, len(tokens)))
-            if depth == len(widths) - 1:
+            if not frontier or depth == schedule.max_depth - 1:
                 break
             rows += self._score_level(tokens, parents, frontier, base, depth + 1)
         keep_cache(self.cache, base, [])  # drop the tree's entries: the next context re-syncs
@@ -172,12 +177,13 @@ class NGramDrafter(Drafter):
                 return [int(values[i]) for i in order]
         return []
 
-    def propose(self, context: list[int], widths: list[int]) -> DraftTree:
+    def propose(self, context: list[int], schedule: Schedule) -> DraftTree:
         tokens, parents, paths = [], [], {-1: list(context)}
         frontier = [-1]
-        for width in widths:
+        for depth in range(schedule.max_depth):
+            widths = schedule.widths(depth, None, len(frontier), schedule.budget - len(tokens))
             nxt = []
-            for pos in frontier:
+            for pos, width in zip(frontier, widths):
                 for tok in self.continuations(torch.tensor(paths[pos]))[:width]:
                     tokens.append(tok)
                     parents.append(pos)

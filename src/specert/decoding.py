@@ -144,7 +144,7 @@ def generate(target: LoadedModel, prompt: list[int], drafter: Drafter | None = N
             forward(target.model, cache, prompt[:-1])  # prefill all but the last token
         context = list(prompt)
         while len(out.tokens) < max_new_tokens:
-            if drafter is None:
+            if drafter is None or not schedule.should_draft():
                 logits = forward(target.model, cache, [context[-1]])
                 emitted, tree_, path = [int(logits[-1].argmax())], None, []
             else:

@@ -18,7 +18,8 @@ The certified schedules use the drafter-side certificate D_q(m) (THEORY.md secti
 KL eps of the drafter and D_q(m) > eps, the drafter's top-m holds the target's greedy token. eps_hat is an online
 estimate of the drafter's KL(p || q): the ``quantile`` (0.9) of the KLs measured at the verified positions of the
 same generation so far (0 before the first, so the first step drafts in full). Positions where D_q(1) already
-falls below eps_hat end the chain: a drafter that is far from the target drafts little and costs little.
+falls below eps_hat end the chain, and after a step that drafted nothing the drafter is not run for 1, 2, 4, ...
+32 steps (plain decoding) before it is probed again: a drafter far from the target drafts little and costs little.
 
 The guarantee audit counts, at verified positions: ``held`` (KL <= the eps_hat the width was chosen with),
 ``held_covered`` (of those, the target's greedy token was among the candidates: must equal ``held``) and
@@ -52,6 +53,10 @@ class Schedule:
 
     def observe(self, tree, target_logits: torch.Tensor, path: list[int]) -> None:
         """Learn from a verified step (default: nothing)."""
+
+    def should_draft(self) -> bool:
+        """Whether to call the drafter at this step at all (default: always)."""
+        return True
 
     def audit(self) -> dict:
         return {}
@@ -98,7 +103,7 @@ class CertifiedSchedule(Schedule):
         self.kls: list[float] = []
         self.eps_hat = 0.0
         self.held = self.held_covered = self.exceeded = 0
-        self._eps_at: dict[int, float] = {}  # expanded position -> eps_hat its width was chosen with
+        self._backoff = self._skip = 0  # steps to decode without the drafter after it certified nothing
 
     def widths(self, depth, logits, frontier, budget_left):
         if logits is None:  # no distribution to certify: draft a plain chain
@@ -115,7 +120,16 @@ class CertifiedSchedule(Schedule):
             out.append(m)
         return out
 
+    def should_draft(self) -> bool:
+        if self._skip:
+            self._skip -= 1
+            return False
+        return True
+
     def observe(self, tree, target_logits, path):
+        # A drafter that certified nothing is not even run for a while: 1, 2, 4, ... 32 steps, until it drafts again.
+        self._backoff = 0 if tree.tokens else min(max(1, 2 * self._backoff), 32)
+        self._skip = self._backoff
         positions = [p for p in [-1] + path if tree.children(p) and tree.expanded[p + 1]]
         if not positions or tree.logits is None:
             return

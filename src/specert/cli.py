@@ -183,5 +183,32 @@ def eval_(target, prompts, num_prompts, steps, rules, drafters, decode_rules, de
     run_eval(cfg, out)
 
 
+@main.command("select")
+@click.option("--target", default="smollm2-135m", show_default=True, help="Model spec of the target.")
+@click.option("--prompts", default="sharegpt", show_default=True, help="'sharegpt' or a JSONL file of prompts.")
+@click.option("--num-prompts", default=4, show_default=True)
+@click.option("--steps", default=48, show_default=True, help="New tokens per prompt.")
+@click.option("--drafter", "drafters", multiple=True, help="Candidate drafter (repeatable); default ngram:3.")
+@click.option("--rule", "rules", multiple=True, help="Candidate rule (repeatable); default greedy and typical.")
+@click.option("--shape", "shapes", multiple=True,
+              help="Candidate shape (repeatable): k=4, k=auto, k=heuristic, tree=4,2,1, tree=auto:16; "
+                   "default k=4 and k=auto.")
+@click.option("--min-agreement", default=0.9, show_default=True,
+              help="Quality constraint: least share of tokens equal to the target's greedy output.")
+@click.option("--max-nll-increase", default=float("inf"), help="Quality constraint on the target's NLL (nats/token).")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--out", default="specert-select", show_default=True, type=click.Path(file_okay=False))
+@_fail_cleanly
+def select_(target, prompts, num_prompts, steps, drafters, rules, shapes, min_agreement, max_nll_increase, seed, out):
+    """Measure candidate drafters, rules and shapes; recommend the fastest that meets the quality constraint."""
+    from specert.selection import SelectConfig, run_select
+
+    cfg = SelectConfig(target=target, prompts=prompts, num_prompts=num_prompts, steps=steps,
+                       drafters=tuple(drafters) or ("ngram:3",), rules=tuple(rules) or ("greedy", "typical:0.09,0.3"),
+                       shapes=tuple(shapes) or ("k=4", "k=auto"), min_agreement=min_agreement,
+                       max_nll_increase=max_nll_increase, seed=seed)
+    run_select(cfg, out)
+
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -100,7 +100,7 @@ def _check_or_write_config(out: Path, cfg: EvalConfig) -> None:
     _atomic_json(mine, path)
 
 
-def _prompt_batches(loaded: LoadedModel, prompts: list[Prompt], cfg: EvalConfig):
+def prompt_batches(loaded: LoadedModel, prompts: list[Prompt], cfg: EvalConfig):
     """Token ids per prompt (too-long prompts dropped) and batches of prompt indices of similar length."""
     encoded, dropped = {}, 0
     for i, p in enumerate(prompts):
@@ -146,7 +146,7 @@ def _target_part(loaded, prompts, encoded, batch, cfg) -> pa.Table:
 
 
 @torch.inference_mode()
-def _drafter_part(loaded, drafter_spec, drafter, encoded, greedy, batch, cfg) -> pa.Table:
+def drafter_part(loaded, drafter_spec, drafter, encoded, greedy, batch, cfg) -> pa.Table:
     """Phase 2 for one drafter and one batch: teacher-forced q along the target's greedy text."""
     cols: dict[str, list] = {"prompt_index": [], "step": [], "draft_token": [], "kl": [], "drafter_certificate": []}
     per_rule: dict[str, list] = {}
@@ -192,7 +192,7 @@ def _drafter_part(loaded, drafter_spec, drafter, encoded, greedy, batch, cfg) ->
     return table.append_column("drafter", pa.array([drafter_spec] * len(table), pa.string()))
 
 
-def _nll(loaded, prompt_ids, tokens) -> float:
+def nll(loaded, prompt_ids, tokens) -> float:
     """Mean negative log-likelihood (nats/token) of ``tokens`` after ``prompt_ids`` under the target."""
     if not tokens:
         return float("nan")
@@ -202,24 +202,26 @@ def _nll(loaded, prompt_ids, tokens) -> float:
     return float(-logp.mean())
 
 
-def _decode_result(loaded, drafter, rule_spec, encoded, greedy, chosen, cfg) -> dict:
-    """Phase 3 for one (drafter, rule) or the target alone (drafter None): real decoding, batch 1."""
+def decode_result(loaded, drafter, rule_spec, encoded, greedy, chosen, steps: int, shape: dict | None = None) -> dict:
+    """Real decoding, batch 1, of the ``chosen`` prompts with one (drafter, rule, shape), or the target alone
+    (drafter None): speed, acceptance, the live soundness counter, agreement with ``greedy`` and NLL."""
     metrics = SpecDecodeMetrics()
     agree = total = 0
-    nll, nll_greedy = [], []
+    nlls, nll_greedy = [], []
     for i in chosen:
-        gen = generate(loaded, encoded[i], drafter, rule_spec, k=cfg.k if drafter else None,
-                       max_new_tokens=cfg.steps, trace=drafter is not None)
+        shape_kwargs = (shape or {}) if drafter is not None else {}
+        gen = generate(loaded, encoded[i], drafter, rule_spec, max_new_tokens=steps, trace=drafter is not None,
+                       **shape_kwargs)
         metrics.observe(gen)
         ref = greedy[i]
         n = min(len(ref), len(gen.tokens))
         agree += sum(a == b for a, b in zip(gen.tokens[:n], ref[:n]))
         total += max(len(ref), len(gen.tokens))
-        nll.append(_nll(loaded, encoded[i], gen.tokens))
-        nll_greedy.append(_nll(loaded, encoded[i], ref))
+        nlls.append(nll(loaded, encoded[i], gen.tokens))
+        nll_greedy.append(nll(loaded, encoded[i], ref))
     out = metrics.as_dict()
     out.update(drafter=drafter.spec if drafter else None, rule=rule_spec if drafter else None,
-               agreement=agree / total if total else float("nan"), nll=float(np.nanmean(nll)),
+               agreement=agree / total if total else float("nan"), nll=float(np.nanmean(nlls)),
                nll_greedy=float(np.nanmean(nll_greedy)), prompts=len(chosen))
     return out
 
@@ -233,7 +235,7 @@ def run_eval(cfg: EvalConfig, out: Path, progress: bool = True) -> Path:
     _check_or_write_config(out, cfg)
     loaded = load_model(cfg.target)
     prompts = load_prompts(cfg.prompts, cfg.num_prompts, cfg.seed)
-    encoded, batches, dropped = _prompt_batches(loaded, prompts, cfg)
+    encoded, batches, dropped = prompt_batches(loaded, prompts, cfg)
     if not batches:
         raise ValueError(f"no prompt fits: all {len(prompts)} are longer than {cfg.max_prompt_tokens} tokens")
 
@@ -259,7 +261,7 @@ def run_eval(cfg: EvalConfig, out: Path, progress: bool = True) -> Path:
         ddir.mkdir(parents=True, exist_ok=True)
         todo = [b for b in range(len(batches)) if not (ddir / f"part-{b:05d}.parquet").exists()]
         for b in tqdm(todo, desc=f"drafter {spec}", unit="batch", disable=not progress or not todo):
-            _atomic_parquet(_drafter_part(loaded, spec, drafter, encoded, greedy, batches[b], cfg),
+            _atomic_parquet(drafter_part(loaded, spec, drafter, encoded, greedy, batches[b], cfg),
                             ddir / f"part-{b:05d}.parquet")
 
     # Phase 3: real decoding, batch 1, on the first prompts (in sample order).
@@ -270,7 +272,8 @@ def run_eval(cfg: EvalConfig, out: Path, progress: bool = True) -> Path:
     jobs += [(f"{safe_name(d)}__{safe_name(r)}", d, r) for d in cfg.drafters for r in cfg.decode_rules if chosen]
     todo = [j for j in jobs if not (ddir / f"{j[0]}.json").exists()]
     for name, d, r in tqdm(todo, desc="decoding", unit="run", disable=not progress or not todo):
-        result = _decode_result(loaded, drafters[d] if d else None, r or "greedy", encoded, greedy, chosen, cfg)
+        result = decode_result(loaded, drafters[d] if d else None, r or "greedy", encoded, greedy, chosen, cfg.steps,
+                               {"k": cfg.k})
         _atomic_json(result, ddir / f"{name}.json")
 
     info = {"prompts_sampled": len(prompts), "prompts_used": len(encoded), "prompts_dropped": dropped,

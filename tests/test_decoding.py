@@ -7,7 +7,7 @@ import torch
 
 from reference import accepted_tokens, softmax
 from specert.decoding import generate
-from specert.drafters import ModelDrafter, NGramDrafter, layer_skip_view, model_drafter
+from specert.drafters import ModelDrafter, NGramDrafter, drafter_from_spec, layer_skip_view, model_drafter
 from specert.rules import rule
 from specert.schedules import make_schedule
 from specert.trace import SpecDecodeMetrics, write_trace
@@ -30,6 +30,7 @@ def _drafters(target):
         NGramDrafter(2),
         model_drafter(other, target),
         ModelDrafter(target.model, "self"),  # the target itself: every draft is certified and accepted
+        drafter_from_spec("int8", target),
     ]
 
 

@@ -13,6 +13,7 @@ spec              drafter
 ``model:SPEC``    a separate small causal LM (any model spec of :mod:`specert.models`), same vocabulary
 ``layerskip:L``   the target's first L layers with its final norm and LM head, sharing its weights
 ``ngram:N``       prompt lookup: continuations of the longest suffix (N tokens at most) seen in the context
+``int8``          an int8 dynamic-quantized copy of the target (torch's ``quantize_dynamic`` of its Linear layers)
 ================  =======================================================================================
 """
 
@@ -195,11 +196,23 @@ class NGramDrafter(Drafter):
         return DraftTree(tokens, parents, None, [False] * (1 + len(tokens)))
 
 
+def int8_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """An int8 dynamic-quantized copy of ``model`` (weights int8, activations quantized on the fly)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao.quantization announces its move to torchao
+        weights = copy.deepcopy(model).float()  # int8 kernels take float32 activations
+        return torch.ao.quantization.quantize_dynamic(weights, {torch.nn.Linear}, dtype=torch.qint8)
+
+
 def check_drafter_spec(spec: str) -> None:
     """Raise ``ValueError`` for a malformed drafter spec, before any model is loaded."""
     kind, _, arg = spec.partition(":")
+    if spec == "int8":
+        return
     if kind not in ("model", "layerskip", "ngram"):
-        raise ValueError(f"unknown drafter spec {spec!r}; use model:SPEC, layerskip:L or ngram:N")
+        raise ValueError(f"unknown drafter spec {spec!r}; use model:SPEC, layerskip:L, ngram:N or int8")
     if kind in ("layerskip", "ngram") and arg and not arg.isdigit():
         raise ValueError(f"drafter spec {spec!r}: {kind} takes a whole number, e.g. {kind}:3")
     if kind != "ngram" and not arg:
@@ -210,6 +223,8 @@ def drafter_from_spec(spec: str, target: LoadedModel) -> Drafter:
     """Build a drafter from its spec string (see the module docstring) for the given target."""
     check_drafter_spec(spec)
     kind, _, arg = spec.partition(":")
+    if spec == "int8":
+        return ModelDrafter(int8_copy(target.model), spec)
     if kind == "ngram":
         return NGramDrafter(int(arg or 3))
     if kind == "layerskip":

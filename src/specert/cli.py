@@ -180,7 +180,11 @@ def eval_(target, prompts, num_prompts, steps, rules, drafters, decode_rules, de
                      rules=tuple(rules) or STANDARD_RULES, drafters=tuple(drafters),
                      decode_rules=tuple(decode_rules) or ("greedy", "typical:0.09,0.3"), decode_prompts=decode_prompts,
                      k=k, batch_size=batch_size, max_prompt_tokens=max_prompt_tokens, seed=seed)
-    run_eval(cfg, out)
+    try:
+        run_eval(cfg, out)
+    except KeyboardInterrupt:
+        click.echo(f"\ninterrupted: what was finished is kept in {out}; run the same command again to resume", err=True)
+        sys.exit(130)
 
 
 @main.command("select")

@@ -202,7 +202,9 @@ def int8_copy(model: torch.nn.Module) -> torch.nn.Module:
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.ao.quantization announces its move to torchao
-        weights = copy.deepcopy(model).float()  # int8 kernels take float32 activations
+        weights = copy.deepcopy(model)
+        if next(weights.parameters()).dtype != torch.float32:
+            weights = weights.float()  # int8 kernels take float32 activations
         return torch.ao.quantization.quantize_dynamic(weights, {torch.nn.Linear}, dtype=torch.qint8)
 
 

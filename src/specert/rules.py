@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -192,19 +193,19 @@ class Typical(SingleCandidateRule):
 
 
 @dataclass(frozen=True)
-class AllOf(SingleCandidateRule):
-    """Accept iff every rule accepts: the reject level is the largest of theirs."""
+class _Combination(SingleCandidateRule):
+    """Rules combined by their reject levels (``joiner`` in specs; ``kind`` in messages)."""
 
     rules: tuple[SingleCandidateRule, ...]
+    joiner: ClassVar[str] = ""
+    kind: ClassVar[str] = ""
 
     def __post_init__(self):
-        _check_parts(self.rules, "all-of")
-        if any(isinstance(r, AnyOf) for r in self.rules):
-            raise ValueError("an all-of cannot contain an any-of: write it as an any-of of all-ofs (A&B|A&C)")
+        _check_parts(self.rules, self.kind)
 
     @property
     def spec(self) -> str:
-        return "&".join(r.spec for r in self.rules)
+        return self.joiner.join(r.spec for r in self.rules)
 
     def validate(self, vocab_size: int) -> None:
         for r in self.rules:
@@ -214,33 +215,35 @@ class AllOf(SingleCandidateRule):
     def needs_entropy(self) -> bool:
         return any(r.needs_entropy for r in self.rules)
 
-    def reject_level(self, stats: TargetStats) -> torch.Tensor:
-        return torch.stack([r.reject_level(stats) for r in self.rules]).amax(0)
+    def _levels(self, stats: TargetStats) -> torch.Tensor:
+        return torch.stack([r.reject_level(stats) for r in self.rules])  # [rules, n]
 
 
 @dataclass(frozen=True)
-class AnyOf(SingleCandidateRule):
-    """Accept iff some rule accepts: the reject level is the smallest of theirs."""
+class AllOf(_Combination):
+    """Accept iff every rule accepts: the reject level is the largest of theirs."""
 
-    rules: tuple[SingleCandidateRule, ...]
+    joiner: ClassVar[str] = "&"
+    kind: ClassVar[str] = "all-of"
 
     def __post_init__(self):
-        _check_parts(self.rules, "any-of")
-
-    @property
-    def spec(self) -> str:
-        return "|".join(r.spec for r in self.rules)
-
-    def validate(self, vocab_size: int) -> None:
-        for r in self.rules:
-            r.validate(vocab_size)
-
-    @property
-    def needs_entropy(self) -> bool:
-        return any(r.needs_entropy for r in self.rules)
+        super().__post_init__()
+        if any(isinstance(r, AnyOf) for r in self.rules):
+            raise ValueError("an all-of cannot contain an any-of: write it as an any-of of all-ofs (A&B|A&C)")
 
     def reject_level(self, stats: TargetStats) -> torch.Tensor:
-        return torch.stack([r.reject_level(stats) for r in self.rules]).amin(0)
+        return self._levels(stats).amax(0)
+
+
+@dataclass(frozen=True)
+class AnyOf(_Combination):
+    """Accept iff some rule accepts: the reject level is the smallest of theirs."""
+
+    joiner: ClassVar[str] = "|"
+    kind: ClassVar[str] = "any-of"
+
+    def reject_level(self, stats: TargetStats) -> torch.Tensor:
+        return self._levels(stats).amin(0)
 
 
 def _check_parts(rules, kind: str) -> None:

@@ -1,0 +1,80 @@
+"""`specert certify` and `specert bench`: files in three formats, JSON, and one-line errors."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import save_file
+
+import specert
+from specert.cli import main
+
+
+@pytest.fixture
+def files(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    target = torch.randn(3, 40, generator=g) * 3
+    draft = target + torch.randn(3, 40, generator=g)
+    np.save(tmp_path / "t.npy", target.numpy())
+    torch.save({"logits": draft}, tmp_path / "d.pt")
+    save_file({"logits": target}, tmp_path / "t.safetensors")
+    return tmp_path, target, draft
+
+
+def test_certify_table_and_json(files):
+    path, target, draft = files
+    runner = CliRunner()
+    res = runner.invoke(main, ["certify", str(path / "t.npy"), "--draft", str(path / "d.pt"), "--rule", "greedy",
+                               "--rule", "tree:4", "--json"])
+    assert res.exit_code == 0, res.output
+    records = json.loads(res.output)
+    assert len(records) == 3 * 2
+    first = records[0]
+    assert first["rule"] == "greedy"
+    assert first["certificate"] == pytest.approx(float(specert.certificate(target[0], "greedy")), rel=1e-6)
+    assert first["kl"] == pytest.approx(float(specert.kl(target[0], draft[0])), rel=1e-6)
+    assert first["accepted"] == bool(specert.accepts(target[0], draft[0], "greedy"))
+    assert first["certified"] == (first["kl"] < first["certificate"])
+    res = runner.invoke(main, ["certify", str(path / "t.safetensors")])
+    assert res.exit_code == 0 and "topm:10&additive:0.6" in res.output and "certificate" in res.output.splitlines()[0]
+
+
+@pytest.mark.parametrize("make, args, message", [
+    (None, ["/no/such.npy"], "no such file"),
+    ("scalar", [], "shape [..., V]"),
+    ("one_token", [], "V >= 2"),
+    ("txt", [], "unknown file type"),
+    (None, ["--rule", "bogus"], "unknown rule"),
+    ("mismatch", [], "--draft has shape"),
+])
+def test_certify_errors(files, make, args, message):
+    path, target, _ = files
+    argv = ["certify", str(path / "t.npy")]
+    if make == "scalar":
+        np.save(path / "s.npy", np.float32(1.0))
+        argv = ["certify", str(path / "s.npy")]
+    elif make == "one_token":
+        np.save(path / "o.npy", np.zeros((2, 1), np.float32))
+        argv = ["certify", str(path / "o.npy")]
+    elif make == "txt":
+        (path / "x.txt").write_text("1 2 3")
+        argv = ["certify", str(path / "x.txt")]
+    elif make == "mismatch":
+        np.save(path / "m.npy", np.zeros((2, 40), np.float32))
+        argv += ["--draft", str(path / "m.npy")]
+    if args and args[0].startswith("/"):
+        argv = ["certify", *args]
+    else:
+        argv += args
+    res = CliRunner().invoke(main, argv)
+    assert res.exit_code != 0
+    assert message in res.output and "Traceback" not in res.output
+    assert len(res.output.strip().splitlines()) == 1
+
+
+def test_bench_prints_ratios():
+    res = CliRunner().invoke(main, ["bench", "--batch", "4", "--vocab", "2000", "--repeat", "1"])
+    assert res.exit_code == 0, res.output
+    assert "torch.logsumexp" in res.output and "all rules together" in res.output and "tree:8" in res.output

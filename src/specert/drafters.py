@@ -62,7 +62,6 @@ class Drafter:
     """Interface: ``propose`` a draft tree after a context; ``observe`` how many drafted tokens were accepted."""
 
     spec: str = "?"
-    has_logits: bool = True
 
     def propose(self, context: list[int], schedule: Schedule) -> DraftTree:
         """Draft a tree after ``context`` (whose last token the target has not run yet), shaped by ``schedule``."""
@@ -155,8 +154,6 @@ def layer_skip_view(model: torch.nn.Module, layers: int) -> torch.nn.Module:
 class NGramDrafter(Drafter):
     """Prompt lookup: the tokens that followed the longest matching suffix (at most ``n`` tokens) in the context,
     most frequent first. No distribution: drafts are judged on the token alone."""
-
-    has_logits = False
 
     def __init__(self, n: int):
         if n < 1:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -52,7 +52,6 @@ class EvalConfig:
     batch_size: int = 16
     max_prompt_tokens: int = 512
     seed: int = 0
-    extra: dict = field(default_factory=dict)
 
     def validate(self) -> None:
         for name in ("num_prompts", "steps", "k", "batch_size", "max_prompt_tokens"):
@@ -90,7 +89,7 @@ def _check_or_write_config(out: Path, cfg: EvalConfig) -> None:
     if path.exists():
         theirs = json.loads(path.read_text())
         # more drafters or decode rules extend a run; anything else changes what was computed
-        keys = [k for k in mine if k not in ("drafters", "decode_rules", "decode_prompts", "extra")]
+        keys = [k for k in mine if k not in ("drafters", "decode_rules", "decode_prompts")]
         diff = [k for k in keys if theirs.get(k) != mine[k]]
         if diff:
             raise ValueError(

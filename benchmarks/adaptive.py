@@ -24,6 +24,8 @@ SHAPES = {
     "int8": [("k", 2), ("k", 4), ("tree", "2,2,1"), ("k", "heuristic"), ("k", "auto"), ("tree", "auto:16")],
     "ngram:3": [("k", 2), ("k", 4), ("tree", "3,2,1,1"), ("k", "heuristic"), ("k", "auto"), ("tree", "auto:16")],
     "layerskip:20": [("k", 4), ("k", "auto")],
+    "head": [("k", 1), ("k", 2), ("k", 4), ("tree", "2,1"), ("tree", "3,2,2,1"), ("k", "heuristic"), ("k", "auto"),
+             ("tree", "auto:16")],
 }
 
 
@@ -31,13 +33,15 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--per-category", type=int, default=1)
     ap.add_argument("--max-new-tokens", type=int, default=48)
+    ap.add_argument("--drafter", action="append", choices=sorted(SHAPES), help="drafters to run (default: all)")
     args = ap.parse_args()
+    shapes_of = {spec: SHAPES[spec] for spec in (args.drafter or SHAPES)}
     target = load_model("smollm2-135m")
     by_cat = defaultdict(list)
     for p in load_prompts(str(SPEC_BENCH)):
         if len(by_cat[p.category]) < args.per_category:
             by_cat[p.category].append(p)
-    drafters = {spec: drafter_from_spec(spec, target) for spec in SHAPES}
+    drafters = {spec: drafter_from_spec(spec, target) for spec in shapes_of}
     generate(target, encode_prompt(target, "warm up"), max_new_tokens=4)
     seconds = defaultdict(float)  # (category, config) -> seconds
     tokens = defaultdict(int)
@@ -50,7 +54,7 @@ def main():
             base = generate(target, ids, max_new_tokens=args.max_new_tokens)
             seconds[cat, "target"] += base.seconds
             tokens[cat, "target"] += len(base.tokens)
-            for spec, shapes in SHAPES.items():
+            for spec, shapes in shapes_of.items():
                 for kind, value in shapes:
                     name = f"{spec} {kind}={value}"
                     gen = generate(target, ids, drafters[spec], max_new_tokens=args.max_new_tokens, **{kind: value})
@@ -61,7 +65,7 @@ def main():
                     for key, v in gen.audit.items():
                         audit[name][key] += v
         print(f"done {cat}", flush=True)
-    names = [f"{s} {k}={v}" for s, shapes in SHAPES.items() for k, v in shapes]
+    names = [f"{s} {k}={v}" for s, shapes in shapes_of.items() for k, v in shapes]
     cats = list(by_cat)
 
     def speed(cat, name):
@@ -73,7 +77,7 @@ def main():
 
     print(f"\n{args.per_category} Spec-Bench prompt(s) per category, {args.max_new_tokens} new tokens, greedy; "
           "tokens/s relative to the target alone in the same run")
-    for spec in SHAPES:
+    for spec in shapes_of:
         cols = [n for n in names if n.startswith(spec + " ")]
         print(f"\n**{spec}**\n")
         print("| category | " + " | ".join(c.split(" ", 1)[1] for c in cols) + " |")

@@ -6,6 +6,10 @@ with transformers' ``generate`` measured in the same run. Every greedy method mu
 script checks it.
 
     python benchmarks/speed.py --per-category 2 --max-new-tokens 64
+
+Draft heads (``specert distill``) have no transformers counterpart; ``--head SPEC`` (repeatable; default the head
+shipped for the embedded model) adds them, with the share of traced positions whose KL(p || q) was below the strict
+greedy certificate (certified, hence accepted).
 """
 
 from __future__ import annotations
@@ -19,8 +23,9 @@ import torch
 
 from specert.decoding import generate
 from specert.drafters import drafter_from_spec
-from specert.models import encode_prompt, load_model
+from specert.models import encode_prompt, forward_features, keep_cache, load_model, new_cache
 from specert.prompts import load_prompts
+from specert.schedules import FixedSchedule
 
 SPEC_BENCH = Path(__file__).resolve().parents[2] / "shared" / "data" / "spec_bench" / "question.jsonl"
 
@@ -43,7 +48,11 @@ def main():
     ap.add_argument("--k", type=int, default=4, help="draft length of specert and transformers alike")
     ap.add_argument("--layerskip", type=int, default=4, help="early-exit layer of the layer-skip drafter")
     ap.add_argument("--ngram", type=int, default=3)
+    ap.add_argument("--head", action="append", help="draft head spec (repeatable), e.g. head or head:FILE")
+    ap.add_argument("--head-shape", action="append", default=[],
+                    help="also run each head with this shape (repeatable), e.g. k=3 or tree=2,1")
     args = ap.parse_args()
+    heads = args.head if args.head is not None else (["head"] if args.target == "smollm2-135m" else [])
 
     target = load_model(args.target)
     model = target.model
@@ -65,9 +74,17 @@ def main():
             model, ids, args.max_new_tokens, assistant_early_exit=args.layerskip), None),
     }
     drafters = {ngram: drafter_from_spec(ngram, target), skip: drafter_from_spec(skip, target)}
+    for spec in heads:
+        drafters[spec] = drafter_from_spec(spec, target)
+        methods[f"specert {spec}"] = lambda ids, spec=spec: _spec(target, ids, spec, args)
+        for shape in args.head_shape:
+            kind, _, value = shape.partition("=")
+            methods[f"specert {spec} {shape}"] = lambda ids, spec=spec, kind=kind, value=value: _spec(
+                target, ids, spec, args, {kind: int(value) if value.isdigit() else value})
     _spec.drafters = drafters
     rates = defaultdict(lambda: defaultdict(lambda: [0, 0.0]))  # category -> method -> [tokens, seconds]
     mal = defaultdict(list)
+    counts = defaultdict(lambda: defaultdict(int))  # method -> accepted, drafted, traced, certified
     mismatches = 0
     for cat, ps in by_cat.items():
         for p in ps:
@@ -75,12 +92,14 @@ def main():
             ref = None
             for name, fn in methods.items():
                 start = time.perf_counter()
-                tokens, acc_len = fn(ids)
-                seconds = time.perf_counter() - start
+                tokens, stats = fn(ids)
+                seconds = time.perf_counter() - start - (stats or {}).get("trace_seconds", 0.0)
                 rates[cat][name][0] += len(tokens)
                 rates[cat][name][1] += seconds
-                if acc_len is not None:
-                    mal[name].append(acc_len)
+                if stats is not None:
+                    mal[name].append(stats["mal"])
+                    for key in ("accepted", "drafted", "traced", "certified"):
+                        counts[name][key] += stats[key]
                 ref = tokens if ref is None else ref
                 n = min(len(ref), len(tokens))
                 mismatches += tokens[:n] != ref[:n]
@@ -105,14 +124,70 @@ def main():
     print(f"| **all** | {base:.1f} | " + " | ".join(f"{totals[n][0] / totals[n][1] / base:.2f}x" for n in names[1:])
           + " |")
     for name, values in mal.items():
-        print(f"{name}: mean acceptance length {sum(values) / len(values):.2f}")
+        c = counts[name]
+        line = (f"{name}: mean acceptance length {sum(values) / len(values):.2f}, "
+                f"draft acceptance rate {c['accepted'] / max(1, c['drafted']):.1%}")
+        if c["traced"]:
+            line += f", certified positions {c['certified'] / c['traced']:.1%}"
+        print(line)
     print(f"outputs differing from hf greedy: {mismatches}")
+    ids = encode_prompt(target, next(iter(by_cat.values()))[0].text)
+    rel = forward_times(target, ids)
+    print("target forward of n tokens relative to 1 token: " + ", ".join(f"{n}: {r:.2f}" for n, r in rel.items()))
+    for spec, drafter in drafters.items():
+        print(f"cost of one drafted token relative to one target forward, {spec}: "
+              f"{drafter_cost(target, drafter, ids, args.k):.3f}")
 
 
-def _spec(target, ids, spec, args):
-    gen = generate(target, ids, _spec.drafters[spec], "greedy", k=args.k, max_new_tokens=args.max_new_tokens)
+def forward_times(target, ids, sizes=(1, 2, 3, 4, 5, 6, 8, 12, 16), repeats: int = 7) -> dict:
+    """Median time of one target forward of n tokens after the same context, relative to n = 1 (same run)."""
+    cache = new_cache(target.model)
+    forward_features(target.model, cache, ids[:-1], (), last_only=True)
+    times = {n: [] for n in sizes}
+    for _ in range(repeats):
+        for n in sizes:  # interleaved, so that noise hits every size alike
+            start = time.perf_counter()
+            forward_features(target.model, cache, [ids[-1]] * n, ())
+            times[n].append(time.perf_counter() - start)
+            keep_cache(cache, len(ids) - 1, [])
+    one = float(torch.tensor(times[1]).median())
+    return {n: float(torch.tensor(t).median()) / one for n, t in times.items()}
+
+
+def drafter_cost(target, drafter, ids, k: int = 4, repeats: int = 15) -> float:
+    """Median time of one drafted token (a chain of k, divided by k) over the median time of one target forward of
+    one token after the same context, timed alternately in the same run."""
+    cache = new_cache(target.model)
+    _, states = forward_features(target.model, cache, ids[:-1], drafter.feature_layers, last_only=True)
+    drafter.target_ran(0, states)
+    times = {"target": [], "draft": []}
+    with torch.inference_mode():
+        for _ in range(repeats):
+            start = time.perf_counter()
+            forward_features(target.model, cache, [ids[-1]], ())
+            times["target"].append(time.perf_counter() - start)
+            keep_cache(cache, len(ids) - 1, [])
+            start = time.perf_counter()
+            drafter.propose(ids, FixedSchedule([1] * k))
+            times["draft"].append((time.perf_counter() - start) / k)
+    return float(torch.tensor(times["draft"]).median() / torch.tensor(times["target"]).median())
+
+
+def _spec(target, ids, spec, args, shape=None):
+    """specert with a drafter: (tokens, stats). Heads are traced (certificates); the tracing time is reported apart
+    and left out of the speed."""
+    shape = shape or {"k": args.k}
+    traced = spec.startswith("head")
+    start = time.perf_counter()
+    gen = generate(target, ids, _spec.drafters[spec], "greedy", max_new_tokens=args.max_new_tokens, trace=traced,
+                   **shape)
+    total = time.perf_counter() - start
     drafts = [a for a, d in zip(gen.accepted, gen.drafted) if d]
-    return gen.tokens, 1 + sum(drafts) / len(drafts) if drafts else 1.0
+    rows = gen.trace
+    return gen.tokens, {"mal": 1 + sum(drafts) / len(drafts) if drafts else 1.0, "accepted": sum(gen.accepted),
+                        "drafted": sum(d for d in gen.drafted), "traced": len(rows),
+                        "certified": sum(r.kl < r.certificate for r in rows),
+                        "trace_seconds": total - gen.seconds}
 
 
 if __name__ == "__main__":

@@ -188,3 +188,22 @@ class TestBadInput:
             generate(target, [], max_new_tokens=4)
         with pytest.raises(ValueError, match="exceed the context"):
             generate(target, list(range(10)), max_new_tokens=600)
+
+
+@pytest.mark.parametrize("shape", [{"k": 1}, {"k": 2}, {"tree": "2,1"}, {"tree": "3,2,1"}])
+def test_verification_padding_changes_nothing(target, shape, monkeypatch):
+    """Padding the verified tokens to 4 (a CPU speed measure) leaves tokens, acceptance and every traced number as
+    without padding."""
+    import specert.decoding as decoding
+
+    drafter = model_drafter(tiny_model("llama", seed=2, layers=2), target)
+    runs = []
+    for least in (1, 8):
+        monkeypatch.setattr(decoding, "VERIFY_MIN_TOKENS", least)
+        runs.append(generate(target, [3, 1, 4, 1, 5], drafter, "additive:0.3", max_new_tokens=20, trace=True,
+                             stop_at_eos=False, **shape))
+    plain, padded = runs
+    assert padded.tokens == plain.tokens and padded.accepted == plain.accepted
+    for a, b in zip(plain.trace, padded.trace):
+        assert a.accepted == b.accepted and a.kl == pytest.approx(b.kl, rel=1e-9, abs=1e-12)
+        assert a.certificate == pytest.approx(b.certificate, rel=1e-9, abs=1e-12)

@@ -22,7 +22,7 @@ def test_chat_template_and_context(embedded):
 def test_greedy_speculative_output_is_the_targets_own(embedded):
     ids = encode_prompt(embedded, "List three colours of the rainbow.")
     base = generate(embedded, ids, max_new_tokens=24)
-    for spec in ["ngram:3", "layerskip:12", "int8"]:
+    for spec in ["ngram:3", "layerskip:12", "int8", "head"]:
         drafter = drafter_from_spec(spec, embedded)
         for shape in (dict(k=4), dict(tree="3,2,1")):
             out = generate(embedded, ids, drafter, "greedy", max_new_tokens=24, trace=True, **shape)
@@ -30,6 +30,19 @@ def test_greedy_speculative_output_is_the_targets_own(embedded):
             m = SpecDecodeMetrics()
             m.observe(out)
             assert m.soundness_violations == 0
+
+
+def test_shipped_head_is_small_trained_and_exact(embedded):
+    from specert.head import shipped_head
+
+    assert shipped_head(embedded).stat().st_size <= 20 * 2**20
+    ids = encode_prompt(embedded, "Explain in two sentences why the sky is blue.")
+    base = generate(embedded, ids, max_new_tokens=40)
+    out = generate(embedded, ids, drafter_from_spec("head", embedded), "greedy", k=4, max_new_tokens=40, trace=True)
+    assert out.tokens == base.tokens
+    first = [row.accepted for row in out.trace if row.position == 0]
+    assert sum(first) / len(first) > 0.15  # measured 25% (8/32); an untrained head drafts outside the text
+    assert all(row.accepted for row in out.trace if row.certified)
 
 
 def test_eos_stops_generation(embedded):

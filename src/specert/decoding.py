@@ -27,7 +27,7 @@ import torch
 
 from specert.acceptance import tokens_accepted
 from specert.drafters import Drafter, DraftTree, ancestors
-from specert.models import LoadedModel, cache_length, forward, keep_cache, new_cache
+from specert.models import LoadedModel, cache_length, forward_features, keep_cache, new_cache
 from specert.rules import Rule
 from specert.rules import rule as as_rule
 from specert.schedules import Schedule, make_schedule
@@ -72,22 +72,31 @@ def _longest_path(tree: DraftTree, ok: list[bool], score: list[float]) -> list[i
         path.append(pos)
 
 
+# NOTE: CPU matrix kernels run a few rows at uneven speed: on 2 cores a 135M forward of 2 or 3 tokens took 1.6x and
+# 2.0x one of 1 token, but 4 tokens 1.4x and 5 to 8 tokens 1.3-1.4x (benchmarks/speed.py prints the table).
+# Verification of 2 or 3 tokens is padded to this many with tokens nobody attends to; their cache entries are
+# dropped with the rejected ones.
+VERIFY_MIN_TOKENS = 4
+
+
 @torch.inference_mode()
 def _step(target, cache, drafter: Drafter, r: Rule, context: list[int], schedule: Schedule):
     """One speculative step: returns (emitted tokens, tree, target logits [1 + N, V], path)."""
     tree = drafter.propose(context, schedule)  # 1. propose
     past = cache_length(cache)
     n = len(tree.tokens)
+    pad = max(0, VERIFY_MIN_TOKENS - 1 - n) if n else 0
     chain = all(p == i - 1 for i, p in enumerate(tree.parents))
     attend, positions = None, None
     if not chain:  # 2. verify every node in one forward: each sees the context, its ancestors and itself
-        attend = torch.ones(1 + n, past + 1 + n, dtype=torch.bool)
-        attend[:, past:] = False
-        attend[:, past] = True  # the last context token (the root)
-        attend[1:, past + 1 :] = ancestors(tree.parents)
-        attend[0, past + 1 :] = False
-        positions = [past] + [past + 1 + d for d in tree.depth]
-    logits = forward(target.model, cache, [context[-1]] + tree.tokens, positions, attend)  # [1 + N, V]
+        attend = torch.zeros(1 + n + pad, past + 1 + n + pad, dtype=torch.bool)
+        attend[:, :past + 1] = True  # the context and its last token (the root)
+        attend[1 : 1 + n, past + 1 : past + 1 + n] = ancestors(tree.parents)
+        attend[1 + n :, past + 1 + n :] = torch.eye(pad, dtype=torch.bool)  # padding sees itself (nobody sees it)
+        positions = [past] + [past + 1 + d for d in tree.depth] + [past + 1] * pad
+    tokens = [context[-1]] + tree.tokens + [context[-1]] * pad  # chain padding comes last: causal, seen by no one
+    logits, states = forward_features(target.model, cache, tokens, drafter.feature_layers, positions, attend)
+    logits = logits[: 1 + n]  # [1 + N, V]; states [1 + N + pad, nl * H] or None
     if n:  # 3. accept: each node judged at its parent's position
         parent_rows = torch.tensor([p + 1 for p in tree.parents])
         drafted = torch.tensor(tree.tokens)
@@ -98,6 +107,8 @@ def _step(target, cache, drafter: Drafter, r: Rule, context: list[int], schedule
         path = []
     bonus = int(logits[path[-1] + 1 if path else 0].argmax())
     keep_cache(cache, past + 1, [past + 1 + i for i in path])  # 4. sync: keep the accepted path only
+    if states is not None:  # a drafter reading the target's states gets those of the kept tokens
+        drafter.target_ran(past, states[[0] + [1 + i for i in path]])
     schedule.observe(tree, logits, path)
     return [tree.tokens[i] for i in path] + [bonus], tree, logits, path
 
@@ -128,7 +139,8 @@ def generate(target: LoadedModel, prompt: list[int], drafter: Drafter | None = N
         raise ValueError("the prompt is empty")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if len(prompt) + max_new_tokens + (schedule.max_nodes if schedule else 0) > target.context_length:
+    drafts = schedule.max_nodes + VERIFY_MIN_TOKENS if schedule else 0
+    if len(prompt) + max_new_tokens + drafts > target.context_length:
         raise ValueError(
             f"prompt ({len(prompt)} tokens) + max_new_tokens ({max_new_tokens}) + drafts exceed the context of "
             f"{target.context_length} tokens"
@@ -139,13 +151,19 @@ def generate(target: LoadedModel, prompt: list[int], drafter: Drafter | None = N
     out = Generation(list(prompt), [], 0.0)
     traced = 0.0
     start = time.perf_counter()
+    layers = drafter.feature_layers if drafter is not None else ()
     with torch.inference_mode():
-        if len(prompt) > 1:
-            forward(target.model, cache, prompt[:-1])  # prefill all but the last token
+        states = None
+        if len(prompt) > 1:  # prefill all but the last token
+            _, states = forward_features(target.model, cache, prompt[:-1], layers, last_only=True)
+        if layers:  # (re)starts the drafter's mirror of the target's cache
+            drafter.target_ran(0, states)
         context = list(prompt)
         while len(out.tokens) < max_new_tokens:
             if drafter is None or not schedule.should_draft():
-                logits = forward(target.model, cache, [context[-1]])
+                logits, states = forward_features(target.model, cache, [context[-1]], layers)
+                if states is not None:
+                    drafter.target_ran(len(context) - 1, states)
                 emitted, tree_, path = [int(logits[-1].argmax())], None, []
             else:
                 emitted, tree_, logits, path = _step(target, cache, drafter, r, context, schedule)

@@ -14,6 +14,8 @@ spec              drafter
 ``layerskip:L``   the target's first L layers with its final norm and LM head, sharing its weights
 ``ngram:N``       prompt lookup: continuations of the longest suffix (N tokens at most) seen in the context
 ``int8``          an int8 dynamic-quantized copy of the target (torch's ``quantize_dynamic`` of its Linear layers)
+``head[:PATH]``   a draft head trained by ``specert distill`` (:mod:`specert.head`) reading the target's hidden
+                  states; without PATH the head shipped for the embedded default
 ================  =======================================================================================
 """
 
@@ -59,9 +61,18 @@ def ancestors(parents: list[int]) -> torch.Tensor:
 
 
 class Drafter:
-    """Interface: ``propose`` a draft tree after a context; ``observe`` how many drafted tokens were accepted."""
+    """Interface: ``propose`` a draft tree after a context; ``observe`` how many drafted tokens were accepted.
+
+    A drafter that reads the target's hidden states names their layers in ``feature_layers``; the decoder then
+    hands it, through ``target_ran``, the states of every token it puts in the target's KV cache.
+    """
 
     spec: str = "?"
+    feature_layers: tuple[int, ...] = ()
+
+    def target_ran(self, start: int, features: torch.Tensor | None) -> None:
+        """The target's cache now holds the context up to ``start + len(features)``; ``features`` ``[n, nl * H]``
+        are the hidden states of positions ``start ..`` (only drafters with ``feature_layers`` get them)."""
 
     def propose(self, context: list[int], schedule: Schedule) -> DraftTree:
         """Draft a tree after ``context`` (whose last token the target has not run yet), shaped by ``schedule``."""
@@ -127,6 +138,98 @@ class ModelDrafter(Drafter):
         attend[:, past:] = torch.eye(len(level), dtype=torch.bool)
         positions = [base + depth] * len(level)
         return list(forward(self.model, self.cache, [tokens[i] for i in level], positions, attend))
+
+
+class HeadDrafter(Drafter):
+    """A draft head (:mod:`specert.head`) over the target's hidden states, with its own one-layer KV cache.
+
+    Invariant: ``features`` mirrors the target's KV cache, the context but its last token. Head entry t pairs
+    ``features[t]`` with token t+1 and predicts token t+2, so with F states the last entry (F-1) predicts the
+    token after the context: the root's children. Tree nodes are entries F, F+1, ... (their input is their
+    parent's output g), dropped after each proposal; entries of the context are kept while their state and
+    token are unchanged.
+    """
+
+    def __init__(self, head, spec: str):
+        self.head, self.spec = head, spec
+        self.feature_layers = head.cfg.feature_layers
+        self.features = torch.zeros(0, head.cfg.features)  # [F, nl * H]
+        self.keys = self.values = None  # [1, nh, C, hd]
+        self.entry_tokens: list[int] = []  # token t+1 of each cached entry t
+
+    def target_ran(self, start, features):
+        # NOTE: rounded to float16 as in training, where the target's states were cached in float16.
+        new = self.features[:0] if features is None else features.half().float()
+        self.features = torch.cat([self.features[:start], new])
+        self.entry_tokens = self.entry_tokens[:start]
+
+    def _crop(self, n: int) -> None:
+        self.entry_tokens = self.entry_tokens[:n]
+        if self.keys is not None:
+            self.keys, self.values = self.keys[:, :, :n], self.values[:, :, :n]
+
+    @torch.inference_mode()
+    def propose(self, context: list[int], schedule: Schedule) -> DraftTree:
+        n = len(self.features)
+        assert n == len(context) - 1, "the decoder must pass the target's states of every cached token"
+        if n == 0:
+            return DraftTree([], [], None, [False])
+        same = 0
+        while same < len(self.entry_tokens) and self.entry_tokens[same] == context[same + 1]:
+            same += 1
+        same = min(same, n - 1)  # always re-run at least the last entry: its output drafts the root's children
+        self._crop(same)
+        head = self.head
+        a = head.fuse(self.features[same:n])[None]  # [1, n - same, H]: new context entries, in one causal pass
+        g, k, v = head.run(a, torch.tensor([context[same + 1 : n + 1]]), torch.arange(same, n), self.keys, self.values)
+        self.keys = k if self.keys is None else torch.cat([self.keys, k], 2)
+        self.values = v if self.values is None else torch.cat([self.values, v], 2)
+        self.entry_tokens = list(context[1 : n + 1])
+        root_g = g[0, -1]
+        small = {-1: head.draft_logits(root_g)}  # [S + 1] per expanded position
+        outputs = {-1: root_g}
+        tokens, parents = [], []
+        frontier = [-1]
+        for depth in range(schedule.max_depth):
+            q = head.full_logits(torch.stack([small[p] for p in frontier]))  # [Fr, V]
+            widths = schedule.widths(depth, q, len(frontier), schedule.budget - len(tokens))
+            level_start = len(tokens)
+            for pos, width in zip(frontier, widths):
+                if width:
+                    tokens += head.vocab[torch.topk(small[pos][:-1], width).indices].tolist()
+                    parents += [pos] * width
+            frontier = list(range(level_start, len(tokens)))
+            if not frontier or depth == schedule.max_depth - 1:
+                break
+            past = n + level_start  # every earlier node is in the cache, node i at entry n + i
+            anc = ancestors(parents)
+            attend = torch.zeros(len(frontier), past + len(frontier), dtype=torch.bool)
+            attend[:, :n] = True
+            attend[:, n:past] = anc[frontier][:, :level_start]
+            attend[:, past:] = torch.eye(len(frontier), dtype=torch.bool)
+            a = torch.stack([outputs[parents[i]] for i in frontier])[None]  # [1, L, H]
+            g, k, v = head.run(a, torch.tensor([[tokens[i] for i in frontier]]), torch.full((len(frontier),),
+                               n + depth), self.keys, self.values, attend)
+            self.keys, self.values = torch.cat([self.keys, k], 2), torch.cat([self.values, v], 2)
+            for j, i in enumerate(frontier):
+                outputs[i], small[i] = g[0, j], head.draft_logits(g[0, j])
+        self._crop(n)
+        rows = [-1] + list(range(len(tokens)))
+        expanded = [r in small for r in rows]
+        logits = torch.full((len(rows), head.cfg.vocab_size), float("nan"))
+        scored = [r for r in rows if r in small]
+        logits[[r + 1 for r in scored]] = head.full_logits(torch.stack([small[r] for r in scored]))
+        return DraftTree(tokens, parents, logits, expanded)
+
+    @torch.inference_mode()
+    def score(self, tokens: list[int], features: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced drafter logits ``[T, V]`` along ``tokens`` with the target's states ``[T, nl * H]``: row t
+        predicts token t+1 (row 0, with no state before it, is NaN)."""
+        head = self.head
+        g, _, _ = head.run(head.fuse(features[:-1].half().float())[None], torch.tensor([tokens[1:]]),
+                           torch.arange(len(tokens) - 1))
+        nan = torch.full((1, head.cfg.vocab_size), float("nan"))
+        return torch.cat([nan, head.full_logits(head.draft_logits(g[0]))])
 
 
 def layer_skip_view(model: torch.nn.Module, layers: int) -> torch.nn.Module:
@@ -208,10 +311,10 @@ def int8_copy(model: torch.nn.Module) -> torch.nn.Module:
 def check_drafter_spec(spec: str) -> None:
     """Raise ``ValueError`` for a malformed drafter spec, before any model is loaded."""
     kind, _, arg = spec.partition(":")
-    if spec == "int8":
+    if spec in ("int8", "head"):
         return
-    if kind not in ("model", "layerskip", "ngram"):
-        raise ValueError(f"unknown drafter spec {spec!r}; use model:SPEC, layerskip:L, ngram:N or int8")
+    if kind not in ("model", "layerskip", "ngram", "head"):
+        raise ValueError(f"unknown drafter spec {spec!r}; use model:SPEC, layerskip:L, ngram:N, head[:PATH] or int8")
     if kind in ("layerskip", "ngram") and arg and not arg.isdigit():
         raise ValueError(f"drafter spec {spec!r}: {kind} takes a whole number, e.g. {kind}:3")
     if kind != "ngram" and not arg:
@@ -226,6 +329,10 @@ def drafter_from_spec(spec: str, target: LoadedModel) -> Drafter:
         return ModelDrafter(int8_copy(target.model), spec)
     if kind == "ngram":
         return NGramDrafter(int(arg or 3))
+    if kind == "head":
+        from specert.head import load_head, shipped_head
+
+        return HeadDrafter(load_head(arg or shipped_head(target), target), spec)
     if kind == "layerskip":
         return ModelDrafter(layer_skip_view(target.model, int(arg)), spec)
     return model_drafter(load_model(arg), target, spec)

@@ -156,7 +156,9 @@ def drafter_part(loaded, drafter_spec, drafter, encoded, greedy, batch, cfg) -> 
         seq = encoded[i] + gen
         n = len(encoded[i])
         full = torch.tensor([seq[:-1]])
-        p = loaded.model(full).logits[0, n - 1 :].double()  # [T, V]: p at every generated step
+        layers = drafter.feature_layers
+        out = loaded.model(full, output_hidden_states=bool(layers))
+        p = out.logits[0, n - 1 :].double()  # [T, V]: p at every generated step
         if isinstance(drafter, NGramDrafter):
             draft_tokens = torch.tensor([(drafter.continuations(torch.tensor(seq[: n + t])) or [-1])[0]
                                          for t in range(len(gen))])
@@ -172,7 +174,11 @@ def drafter_part(loaded, drafter_spec, drafter, encoded, greedy, batch, cfg) -> 
                 per_rule.setdefault(f"certified:{r}", []).extend([False] * len(gen))
                 per_rule.setdefault(f"cert:{r}", []).extend(certs[r].tolist())
         else:
-            q = drafter.model(full).logits[0, n - 1 :].double()  # [T, V]
+            if layers:  # a head over the target's states
+                states = torch.cat([out.hidden_states[j][0] for j in layers], -1)  # [T, nl * H]
+                q = drafter.score(seq[:-1], states)[n - 1 :].double()
+            else:
+                q = drafter.model(full).logits[0, n - 1 :].double()  # [T, V]
             draft_tokens = q.argmax(-1)
             divergence, d_q = kl(p, q), drafter_certificate(q, 1)
             certs = certificates(p, cfg.rules)

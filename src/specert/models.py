@@ -12,6 +12,7 @@ A model spec is one of:
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import inspect
 import io
@@ -140,8 +141,13 @@ def new_cache(model):
         return DynamicCache()
 
 
+@functools.cache
+def _forward_parameters(model_class) -> frozenset[str]:
+    return frozenset(inspect.signature(model_class.forward).parameters)
+
+
 def _cache_kwarg(model) -> str:
-    params = inspect.signature(model.forward).parameters
+    params = _forward_parameters(type(model))
     return "cache" if "cache" in params and "past_key_values" not in params else "past_key_values"
 
 
@@ -159,6 +165,18 @@ def forward(model, cache, tokens: list[int], positions: list[int] | None = None,
         attend: bool ``[len(tokens), cache_len + len(tokens)]``, which cache slots and new tokens each token sees;
             default: everything before it (causal). Trees pass their ancestor structure here.
     """
+    return forward_features(model, cache, tokens, (), positions, attend)[0]
+
+
+@torch.inference_mode()
+def forward_features(model, cache, tokens: list[int], layers: tuple[int, ...], positions: list[int] | None = None,
+                     attend: torch.Tensor | None = None, last_only: bool = False):
+    """:func:`forward`, also returning the hidden states of ``layers`` concatenated, ``[len(tokens), nl * H]``
+    (index 0 is the embeddings, ``num_hidden_layers`` the final normalised states), or None if ``layers`` is empty.
+
+    With ``last_only`` the logits are the last token's alone, ``[1, V]`` (a prefill: the LM head over a whole
+    prompt costs as much as a few decoding steps).
+    """
     past = cache_length(cache)
     ids = torch.tensor([tokens], dtype=torch.long)
     kwargs = {_cache_kwarg(model): cache, "use_cache": True}
@@ -169,8 +187,13 @@ def forward(model, cache, tokens: list[int], positions: list[int] | None = None,
         mask = torch.zeros(attend.shape, dtype=dtype).masked_fill_(~attend, torch.finfo(dtype).min)
         kwargs["attention_mask"] = mask[None, None]  # [1, 1, q, past + q]
         kwargs["cache_position"] = torch.arange(past, past + len(tokens))
-    logits = model(input_ids=ids, **kwargs).logits[0]
-    return logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
+    if last_only and "logits_to_keep" in _forward_parameters(type(model)):
+        kwargs["logits_to_keep"] = 1
+    out = model(input_ids=ids, output_hidden_states=bool(layers), **kwargs)
+    logits = out.logits[0]
+    logits = logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
+    feats = torch.cat([out.hidden_states[i][0] for i in layers], -1).float() if layers else None
+    return logits, feats
 
 
 def keep_cache(cache, keep_from: int, slots: list[int]) -> None:

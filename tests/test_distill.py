@@ -1,0 +1,188 @@
+"""`specert distill` and draft heads: training lowers held-out KL, resumes exactly, and a saved head decodes
+losslessly; heads of other targets are refused."""
+
+import json
+
+import pytest
+import torch
+
+from specert.decoding import generate
+from specert.distill import DistillConfig, _depth_mask, held_out_report, load_cache, new_head, run_distill, unrolled
+from specert.drafters import HeadDrafter, drafter_from_spec
+from specert.head import load_head, save_head
+from specert.models import load_model
+from tiny import tiny_model
+
+CHATS = [
+    [{"role": "user", "content": f"Count from {i} to {i + 9} and say why numbers matter."},
+     {"role": "assistant", "content": " ".join(str(j) for j in range(i, i + 10)) + ". Numbers let us measure."}]
+    for i in range(40)
+]
+
+
+@pytest.fixture(scope="module")
+def chats(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "chats.jsonl"
+    path.write_text("\n".join(json.dumps({"messages": c}) for c in CHATS) + "\n" + json.dumps("plain text too") + "\n")
+    return path
+
+
+def small_config(tiny_chat_dir, chats, **kw):
+    base = dict(target=str(tiny_chat_dir), data=str(chats), texts=30, held_out=6, max_tokens=64, draft_vocab=300,
+                depths=2, steps=40, batch_size=4, lr=3e-3, save_every=10)
+    return DistillConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_chat_dir, chats, tmp_path_factory):
+    work = tmp_path_factory.mktemp("distill")
+    cfg = small_config(tiny_chat_dir, chats)
+    report = run_distill(cfg, work, work / "head.safetensors", progress=False)
+    return cfg, work, report
+
+
+def test_distillation_lowers_held_out_kl(trained, tiny_chat_dir):
+    cfg, work, report = trained
+    meta = json.loads((work / "meta.json").read_text())
+    _, held = load_cache(meta, work)
+    untrained = new_head(cfg, load_model(str(tiny_chat_dir)), meta["vocab"], cfg.seed).eval()
+    before = held_out_report(untrained, held, cfg)
+    after = report["held_out"]
+    assert after["kl/1"] < 0.7 * before["kl/1"]
+    assert after["kl/2"] < 0.7 * before["kl/2"]
+    assert after["positions"] == before["positions"] > 0
+
+
+def test_training_resumes_exactly(tiny_chat_dir, chats, tmp_path, monkeypatch):
+    import specert.distill as distill
+
+    full = tmp_path / "full"
+    run_distill(small_config(tiny_chat_dir, chats, steps=12, save_every=4), full, full / "h.safetensors", False)
+    cut = tmp_path / "cut"
+    original, calls = distill.losses, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 7:  # after 6 steps, 4 of them checkpointed
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(distill, "losses", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_distill(small_config(tiny_chat_dir, chats, steps=12, save_every=4), cut, cut / "h.safetensors", False)
+    assert torch.load(cut / "certified" / "checkpoint.pt", weights_only=False)["step"] == 4
+    monkeypatch.setattr(distill, "losses", original)
+    run_distill(small_config(tiny_chat_dir, chats, steps=12, save_every=4), cut, cut / "h.safetensors", False)
+    target = load_model(str(tiny_chat_dir))
+    a, b = load_head(full / "h.safetensors", target), load_head(cut / "h.safetensors", target)
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        torch.testing.assert_close(x, y, rtol=0, atol=1e-6, msg=name)
+
+
+def test_objectives_differ_and_are_checked(tiny_chat_dir, chats, trained):
+    cfg, work, _ = trained
+    with pytest.raises(ValueError, match="objective must be one of"):
+        run_distill(small_config(tiny_chat_dir, chats, objective="mse"), work, work / "x.safetensors", False)
+    with pytest.raises(ValueError, match="cache built with other options.*max_tokens"):
+        run_distill(small_config(tiny_chat_dir, chats, max_tokens=32), work, work / "x.safetensors", False)
+    with pytest.raises(ValueError, match="feature layers must lie in 0..3 and end with 3"):
+        run_distill(small_config(tiny_chat_dir, chats, feature_layers=(1, 2)), work, work / "x.safetensors", False)
+
+
+@pytest.mark.parametrize("shape", [{"k": 4}, {"k": 1}, {"tree": "3,2,1"}, {"k": "auto:6"}, {"tree": "auto:8"}])
+def test_saved_head_decodes_losslessly(trained, tiny_chat_dir, shape):
+    _, work, _ = trained
+    target = load_model(str(tiny_chat_dir))
+    drafter = drafter_from_spec(f"head:{work / 'head.safetensors'}", target)
+    for prompt in ([5, 17, 300, 2000, 17, 300], [7]):
+        expected = generate(target, prompt, None, max_new_tokens=30, stop_at_eos=False).tokens
+        got = generate(target, prompt, drafter, "greedy", max_new_tokens=30, stop_at_eos=False, trace=True, **shape)
+        assert got.tokens == expected
+        assert all(row.accepted for row in got.trace if row.kl < row.certificate)
+
+
+def test_head_proposal_matches_teacher_forcing_and_training_passes(trained, tiny_chat_dir):
+    """The decoder's incremental drafting, the teacher-forced score and the training-time test agree."""
+    _, work, _ = trained
+    target = load_model(str(tiny_chat_dir))
+    drafter = drafter_from_spec(f"head:{work / 'head.safetensors'}", target)
+    head = drafter.head
+    seq = [1, 9, 30, 400, 41, 9, 30, 77, 5]
+    with torch.no_grad():
+        out = target.model(torch.tensor([seq]), output_hidden_states=True)
+    states = torch.cat([out.hidden_states[i][0] for i in head.cfg.feature_layers], -1)  # [T, nl * H]
+    scored = drafter.score(seq, states)  # row t predicts token t+1
+    from specert.schedules import FixedSchedule
+
+    for n in (2, 5, 8):  # context seq[:n + 1]: the target holds n states
+        drafter.target_ran(0, states[:n])
+        tree = drafter.propose(seq[: n + 1], FixedSchedule([1]))
+        torch.testing.assert_close(tree.logits[0], scored[n], rtol=1e-5, atol=1e-5)
+    # depth 2 of the training passes = a drafted token after a real context, with the true token drafted
+    feats = states.half().float()[None]
+    g1, g2 = list(unrolled(head, feats, torch.tensor([seq]), 2))
+    n = 5
+    with torch.no_grad():
+        g, k, v = head.run(head.fuse(feats[:, :n]), torch.tensor([seq[1 : n + 1]]), torch.arange(n))
+        deep, _, _ = head.run(g[:, -1:], torch.tensor([[seq[n + 1]]]), torch.tensor([n]), k, v)
+    torch.testing.assert_close(g2[0, n], deep[0, 0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(g1[0, n - 1], g[0, -1], rtol=1e-5, atol=1e-5)
+
+
+def test_depth_mask():
+    m = _depth_mask(4, 2).int().tolist()  # query t sees real keys s <= t - 1 and its own pass-2 key
+    assert m == [[0, 0, 0, 0, 1, 0, 0, 0], [1, 0, 0, 0, 0, 1, 0, 0], [1, 1, 0, 0, 0, 0, 1, 0],
+                 [1, 1, 1, 0, 0, 0, 0, 1]]
+
+
+def test_head_for_another_target_is_refused(trained, tiny_chat_dir, tmp_path):
+    _, work, _ = trained
+    target = load_model(str(tiny_chat_dir))
+    head = load_head(work / "head.safetensors", target)
+    other = tiny_model("llama", seed=1, vocab=target.vocab_size)
+    with pytest.raises(ValueError, match="trained for another target"):
+        load_head(work / "head.safetensors", other)
+    with pytest.raises(ValueError, match="trained for a target with 49152 tokens"):
+        load_head(work / "head.safetensors", tiny_model("llama"))
+    with pytest.raises(ValueError, match="no draft head file"):
+        drafter_from_spec(f"head:{tmp_path / 'none.safetensors'}", target)
+    (tmp_path / "bad.safetensors").write_bytes(b"not a head")
+    with pytest.raises(ValueError, match="is not a draft head"):
+        load_head(tmp_path / "bad.safetensors", target)
+    with pytest.raises(ValueError, match="no draft head ships for target"):
+        drafter_from_spec("head", target)
+    path = save_head(head, tmp_path / "copy.safetensors")
+    assert isinstance(drafter_from_spec(f"head:{path}", target), HeadDrafter)
+
+
+def test_eval_teacher_forces_a_head(trained, tiny_chat_dir):
+    from specert.evaluation import EvalConfig, drafter_part
+
+    _, work, _ = trained
+    target = load_model(str(tiny_chat_dir))
+    spec = f"head:{work / 'head.safetensors'}"
+    cfg = EvalConfig(target=str(tiny_chat_dir), rules=("greedy",), drafters=(spec,))
+    prompt, greedy = [5, 17, 300, 2000], generate(target, [5, 17, 300, 2000], None, max_new_tokens=6).tokens
+    table = drafter_part(target, spec, drafter_from_spec(spec, target), [prompt], [greedy], [0], cfg).to_pydict()
+    assert len(table["kl"]) == len(greedy) and all(k >= 0 for k in table["kl"])
+    assert table["certified:greedy"] == [k < c for k, c in zip(table["kl"], table["cert:greedy"])]
+
+
+def test_distill_cli(trained, tiny_chat_dir, chats):
+    from click.testing import CliRunner
+
+    from specert.cli import main
+
+    _, work, _ = trained
+    args = ["distill", "--target", str(tiny_chat_dir), "--data", str(chats), "--texts", "30", "--held-out", "6",
+            "--max-tokens", "64", "--draft-vocab", "300", "--depths", "2", "--steps", "40", "--lr", "0.003",
+            "--work", str(work), "--out", str(work / "cli.safetensors")]
+    res = CliRunner().invoke(main, args)  # the cache and the finished checkpoint are reused
+    assert res.exit_code == 0, res.output
+    assert "held-out depth 2: agreement" in res.output and (work / "cli.safetensors").is_file()
+    for extra, message in [(["--layers", "a,b"], "--layers takes comma-separated"),
+                           (["--depths", "0"], "depths must be >= 1"),
+                           (["--data", str(work / "none.jsonl")], "no such training text file")]:
+        res = CliRunner().invoke(main, [*args[:-4], "--work", str(work / "other"), *extra])
+        assert res.exit_code != 0 and message in res.output, (extra, res.output)
+        assert "Traceback" not in res.output

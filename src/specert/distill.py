@@ -277,7 +277,7 @@ def losses(head: DraftHead, batch: dict, cfg: DistillConfig) -> dict:
 
     Entry t of a text pairs the target's states at t with token t+1 and predicts token t+2, whose target
     distribution p is the target's at t+1. Returns scalars ``loss`` and per depth ``kl/d``, ``agree/d``,
-    ``certified/d``, plus the per-entry tensors of depth 1 under ``entries``.
+    ``certified/d``, and the per-entry KL of depth 1 under ``kl_entries`` (for medians).
     """
     feats = batch["features"].float()  # [B, T, nl * H]
     tokens = batch["tokens"].long()  # [B, T]
@@ -308,7 +308,7 @@ def losses(head: DraftHead, batch: dict, cfg: DistillConfig) -> dict:
             out[f"agree/{d}"] = float(agree[m].float().mean())
             out[f"certified/{d}"] = float((kl < cert)[m].float().mean())
             if d == 1:
-                out["entries"] = {"kl": kl[m].detach(), "certificate": cert[m], "agree": agree[m]}
+                out["kl_entries"] = kl[m].detach()
     out["loss"] = total
     return out
 
@@ -394,7 +394,7 @@ def held_out_report(head: DraftHead, texts: Texts, cfg: DistillConfig, batch: in
             for name in ("kl", "agree", "certified"):
                 sums[f"{name}/{d}"] = sums.get(f"{name}/{d}", 0.0) + parts[f"{name}/{d}"] * count
                 weights[f"{name}/{d}"] = weights.get(f"{name}/{d}", 0) + count
-        kls.append(parts["entries"]["kl"])
+        kls.append(parts["kl_entries"])
     report = {k: sums[k] / weights[k] for k in sums}
     report["median_kl/1"] = float(torch.cat(kls).median())
     report["positions"] = weights["kl/1"]

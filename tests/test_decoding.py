@@ -207,3 +207,16 @@ def test_verification_padding_changes_nothing(target, shape, monkeypatch):
     for a, b in zip(plain.trace, padded.trace):
         assert a.accepted == b.accepted and a.kl == pytest.approx(b.kl, rel=1e-9, abs=1e-12)
         assert a.certificate == pytest.approx(b.certificate, rel=1e-9, abs=1e-12)
+
+
+def test_ngram_chain_copies_a_span():
+    """After the longest suffix match, a chain continues the occurrence it copied from (not a fresh vote per
+    token), and a tree's further children are the other continuations."""
+    context = [1, 2, 3, 9, 9, 1, 2, 3, 4, 5, 6, 7, 7, 1, 2, 3]
+    drafter = NGramDrafter(2)
+    # suffix (2, 3) was followed by 9 and by 4, once each: the most recent (4) first, then its span 5, 6, 7
+    chain = drafter.propose(context, make_schedule(k=4))
+    assert chain.tokens == [4, 5, 6, 7] and chain.parents == [-1, 0, 1, 2]
+    assert drafter.continuations(torch.tensor(context)) == [(4, 8), (9, 3)]
+    tree = drafter.propose(context, make_schedule(tree="2,1"))
+    assert tree.tokens == [4, 9, 5, 9] and tree.parents == [-1, -1, 0, 1]

@@ -28,8 +28,8 @@ def chats(tmp_path_factory):
 
 
 def small_config(tiny_chat_dir, chats, **kw):
-    base = dict(target=str(tiny_chat_dir), data=str(chats), texts=30, held_out=6, max_tokens=64, draft_vocab=300,
-                depths=2, steps=40, batch_size=4, lr=3e-3, save_every=10)
+    base = dict(target=str(tiny_chat_dir), data=str(chats), answers="data", texts=30, held_out=6, max_tokens=64,
+                draft_vocab=300, depths=2, steps=40, batch_size=4, lr=3e-3, save_every=10)
     return DistillConfig(**{**base, **kw})
 
 
@@ -51,6 +51,32 @@ def test_distillation_lowers_held_out_kl(trained, tiny_chat_dir):
     assert after["kl/1"] < 0.7 * before["kl/1"]
     assert after["kl/2"] < 0.7 * before["kl/2"]
     assert after["positions"] == before["positions"] > 0
+
+
+def test_self_distillation_texts_are_the_targets_greedy_answers(tiny_chat_dir, chats, tmp_path):
+    """answers="target": each text is a first user turn through the chat template followed by the target's own
+    greedy answer (as the decoder produces it), cut at max_tokens; a lost answers part is regenerated identically."""
+    import specert.distill as distill
+    from specert.models import encode_prompt
+
+    cfg = small_config(tiny_chat_dir, chats, answers="target", texts=8, held_out=2, max_tokens=96)
+    loaded = load_model(str(tiny_chat_dir))
+    meta = distill.prepare(cfg, loaded, tmp_path, progress=False)
+    texts = meta["held_out"] + meta["train"]
+    assert len(texts) == 10 and all(len(t) <= 96 for t in texts)
+    firsts = {tuple(encode_prompt(loaded, c[:1])) for c in CHATS}
+    for text in texts[:3]:
+        prompt = next(list(p) for p in firsts if tuple(text[: len(p)]) == p)
+        answer = generate(loaded, prompt, None, max_new_tokens=96 - len(prompt)).tokens
+        assert text == prompt + answer
+    parts = sorted((tmp_path / "answers").glob("part-*.json"))
+    kept = parts[0].read_text()
+    parts[0].unlink()
+    (tmp_path / "meta.json").unlink()
+    assert distill.prepare(cfg, loaded, tmp_path, progress=False) == meta
+    assert parts[0].read_text() == kept
+    with pytest.raises(ValueError, match="answers must be one of"):
+        small_config(tiny_chat_dir, chats, answers="model").validate()
 
 
 def test_training_resumes_exactly(tiny_chat_dir, chats, tmp_path, monkeypatch):
@@ -87,6 +113,31 @@ def test_objectives_differ_and_are_checked(tiny_chat_dir, chats, trained):
         run_distill(small_config(tiny_chat_dir, chats, max_tokens=32), work, work / "x.safetensors", False)
     with pytest.raises(ValueError, match="feature layers must lie in 0..3 and end with 3"):
         run_distill(small_config(tiny_chat_dir, chats, feature_layers=(1, 2)), work, work / "x.safetensors", False)
+
+
+def test_certificate_terms_of_the_objectives(trained):
+    """certified adds lambda * mean relu(KL - C_p); reachable adds lambda * mean sigmoid(log(KL / C_p) / tau)."""
+    from dataclasses import replace
+
+    from specert.distill import REACHABLE_TAU, losses
+
+    cfg, work, _ = trained
+    meta = json.loads((work / "meta.json").read_text())
+    train_texts, _ = load_cache(meta, work)
+    head = load_head(work / "head.safetensors", load_model(cfg.target))
+    batch = train_texts.batch([0, 1, 2])
+    one = replace(cfg, depths=1, hinge=3.0)
+    cert = batch["certificate"][:, 1:][batch["valid"][:, 1:]].double()
+    with torch.no_grad():
+        plain = losses(head, batch, replace(one, objective="kl"))
+        kl = plain["kl_entries"].double()
+        assert float(plain["loss"]) == pytest.approx(float(kl.mean()), rel=1e-5)
+        hinge = losses(head, batch, replace(one, objective="certified"))["loss"] - plain["loss"]
+        assert float(hinge) == pytest.approx(3.0 * float((kl - cert).clamp(min=0).mean()), rel=1e-4, abs=1e-6)
+        soft = losses(head, batch, replace(one, objective="reachable"))["loss"] - plain["loss"]
+        expected = torch.sigmoid((kl.log() - cert.clamp(min=1e-12).log()) / REACHABLE_TAU).mean()
+        assert float(soft) == pytest.approx(3.0 * float(expected), rel=1e-4, abs=1e-6)
+    assert 0 < float(expected) < 1
 
 
 @pytest.mark.parametrize("shape", [{"k": 4}, {"k": 1}, {"tree": "3,2,1"}, {"k": "auto:6"}, {"tree": "auto:8"}])
@@ -174,9 +225,9 @@ def test_distill_cli(trained, tiny_chat_dir, chats):
     from specert.cli import main
 
     _, work, _ = trained
-    args = ["distill", "--target", str(tiny_chat_dir), "--data", str(chats), "--texts", "30", "--held-out", "6",
-            "--max-tokens", "64", "--draft-vocab", "300", "--depths", "2", "--steps", "40", "--lr", "0.003",
-            "--work", str(work), "--out", str(work / "cli.safetensors")]
+    args = ["distill", "--target", str(tiny_chat_dir), "--data", str(chats), "--answers", "data", "--texts", "30",
+            "--held-out", "6", "--max-tokens", "64", "--draft-vocab", "300", "--depths", "2", "--steps", "40",
+            "--lr", "0.003", "--work", str(work), "--out", str(work / "cli.safetensors")]
     res = CliRunner().invoke(main, args)  # the cache and the finished checkpoint are reused
     assert res.exit_code == 0, res.output
     assert "held-out depth 2: agreement" in res.output and (work / "cli.safetensors").is_file()

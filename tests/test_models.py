@@ -51,3 +51,21 @@ def test_bad_drafter_specs(spec):
 def test_text_prompt_needs_a_tokenizer():
     with pytest.raises(ValueError, match="no tokenizer"):
         encode_prompt(tiny_model("llama"), "hello")
+
+
+def test_batched_greedy_equals_one_prompt_at_a_time():
+    """Left padding and prompts leaving the batch at their EOS change nothing: each row is that prompt's greedy."""
+    from specert.models import batched_greedy
+
+    probe = tiny_model()
+    prompts = [[5, 17, 30], [9, 2, 44, 81, 120, 7], [200], [33, 34, 35, 36]]
+    first = generate(probe, prompts[1], None, max_new_tokens=4).tokens
+    target = tiny_model(eos=first[2])  # prompt 1 ends at its third token, the others whenever they meet it
+    rows: list[list[int]] = [[] for _ in prompts]
+    for _, logits, tokens, alive in batched_greedy(target.model, prompts, 12, {first[2]}):
+        for r in alive.nonzero()[:, 0].tolist():
+            rows[r].append(int(tokens[r]))
+            assert int(logits[r].argmax()) == int(tokens[r])
+    for prompt, row in zip(prompts, rows):
+        assert row == generate(target, prompt, None, max_new_tokens=12).tokens
+    assert len(rows[1]) == 3

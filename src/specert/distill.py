@@ -4,7 +4,10 @@ Three phases in a work folder, each resumable after an interruption (parts and c
 atomically, or not at all):
 
 1. ``meta.json``: the sample of training text (deterministic), its tokenization, the draft vocabulary (the most
-   frequent tokens) and the held-out split.
+   frequent tokens) and the held-out split. With ``answers="target"`` (self-distillation, as Medusa-2 recommends
+   when the data's answers are not the target's) each text is the conversation's first user turn followed by the
+   target's own greedy answer, generated in batches into ``answers/part-NNNNN.json`` first. (Measured on the
+   embedded model it did not raise agreement on the target's own answers; see the README.)
 2. ``cache/part-NNNNN.pt``: the target run once, teacher-forced, over every text: per position its hidden states at
    the fused layers (float16), and from the full distribution p (computed from those float16 states, so training sees
    exactly the same p): log-normaliser, log-mass outside the draft vocabulary, the outside part of sum p log p, the
@@ -16,6 +19,12 @@ The objective per position, with C_p the certificate of the rule the drafter wil
 
     kl:         KL(p || q)
     certified:  KL(p || q) + lambda * max(0, KL(p || q) - C_p)
+    reachable:  KL(p || q) + lambda * sigmoid(log(KL(p || q) / C_p) / tau),   tau = 0.5
+
+The hinge's gradient on an uncertified step is lambda times the KL gradient, whatever the distance to C_p: it
+reweights every uncertified step alike, most of which no small head can certify. The ``reachable`` term is a
+smooth count of uncertified steps: its gradient, (lambda / tau) s (1 - s) / KL times the KL gradient, peaks on
+steps whose KL is within a factor e^tau of C_p and vanishes on steps far above it (or far below).
 
 KL(p || q) over the full vocabulary is exact, though q is computed on the draft vocabulary S only: with
 q(j) = q_rest / (V - |S|) outside S,
@@ -38,17 +47,21 @@ from tqdm.auto import tqdm
 
 from specert.certificates import certificate
 from specert.head import DraftHead, HeadConfig, fingerprint, save_head
-from specert.models import EMBEDDED, LoadedModel, load_model
+from specert.models import EMBEDDED, LoadedModel, batched_greedy, encode_prompt, load_model
 from specert.prompts import SHAREGPT, training_chats
 from specert.rules import rule
 
-OBJECTIVES = ("kl", "certified")
+OBJECTIVES = ("kl", "certified", "reachable")
+REACHABLE_TAU = 0.5  # width, in log(KL / C_p), of the band the reachable objective works on
+ANSWERS = ("data", "target")
+GENERATION_BATCH = 32  # prompts answered at once in self-distillation (fixed: it is part of what the answers are)
 
 
 @dataclass
 class DistillConfig:
     target: str = EMBEDDED
     data: str = SHAREGPT
+    answers: str = "data"  # "data": the texts as given; "target": the target's own greedy answers to them
     texts: int = 1000  # training texts (conversations) sampled from data
     held_out: int = 48  # further texts kept aside for evaluation
     max_tokens: int = 384  # each text's first tokens
@@ -56,7 +69,7 @@ class DistillConfig:
     feature_layers: tuple[int, ...] = ()  # target hidden-state indices (default: ~L/10, L/2 and L, the final one)
     rule: str = "greedy"  # the rule whose certificate the objective targets
     objective: str = "certified"
-    hinge: float = 1.0  # lambda
+    hinge: float = 1.0  # lambda, the weight of the certificate term
     depths: int = 3  # training-time test depth
     steps: int = 1000
     batch_size: int = 4
@@ -70,6 +83,8 @@ class DistillConfig:
                 raise ValueError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.max_tokens < 8:
             raise ValueError(f"max-tokens must be >= 8, got {self.max_tokens}")
+        if self.answers not in ANSWERS:
+            raise ValueError(f"answers must be one of {', '.join(ANSWERS)}, got {self.answers!r}")
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
         if not self.lr > 0 or self.hinge < 0:
@@ -78,7 +93,8 @@ class DistillConfig:
 
     def cache_key(self) -> dict:
         """What the cache depends on (training options may change between runs of the same work folder)."""
-        keys = ("target", "data", "texts", "held_out", "max_tokens", "draft_vocab", "feature_layers", "rule", "seed")
+        keys = ("target", "data", "answers", "texts", "held_out", "max_tokens", "draft_vocab", "feature_layers",
+                "rule", "seed")
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items() if k in keys}
 
 
@@ -105,11 +121,67 @@ def encode_text(loaded: LoadedModel, item, max_tokens: int) -> list[int]:
     return [int(i) for i in ids][:max_tokens]
 
 
-def prepare(cfg: DistillConfig, loaded: LoadedModel, work: Path) -> dict:
+def prompt_of(loaded: LoadedModel, item, limit: int) -> list[int] | None:
+    """What the target answers in self-distillation: a chat's messages up to its first user turn through the chat
+    template (with the generation prompt), or a plain text's first half. None when longer than ``limit`` tokens."""
+    if isinstance(item, str):
+        ids = encode_text(loaded, item, 2 * limit)
+        ids = ids[: max(1, len(ids) // 2)]
+    else:
+        first = next((i for i, m in enumerate(item) if m["role"] == "user"), None)
+        if first is None or sum(len(m["content"]) for m in item[: first + 1]) > 16 * limit:  # surely too long
+            return None
+        ids = encode_prompt(loaded, item[: first + 1])
+    return ids if 0 < len(ids) <= limit else None
+
+
+def target_answers(cfg: DistillConfig, loaded: LoadedModel, work: Path, progress: bool = True) -> list[list[int]]:
+    """Self-distillation texts: prompt + the target's greedy answer (up to and including its EOS token), at most
+    ``max_tokens`` each, for ``held_out + texts`` prompts of at most ``max_tokens // 2`` tokens. Generated
+    :data:`GENERATION_BATCH` prompts at a time (similar lengths together) into ``answers/``, resumable."""
+    limit, want = cfg.max_tokens // 2, cfg.held_out + cfg.texts
+    prompts = []
+    for item in training_chats(cfg.data, None, cfg.seed, shuffle=True):
+        if (ids := prompt_of(loaded, item, limit)) is not None:
+            prompts.append(ids)
+            if len(prompts) == want:
+                break
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    chunks = [order[i : i + GENERATION_BATCH] for i in range(0, len(order), GENERATION_BATCH)]
+    folder = work / "answers"
+    folder.mkdir(parents=True, exist_ok=True)
+    todo = [c for c in range(len(chunks)) if not (folder / f"part-{c:05d}.json").is_file()]
+    bar = tqdm(total=sum(cfg.max_tokens - len(prompts[i]) for c in todo for i in chunks[c]),
+               desc="generating the target's answers", unit="tok", disable=not progress or not todo)
+    eos = loaded.eos_token_ids
+    for c in todo:
+        rows = [prompts[i] for i in chunks[c]]
+        steps = cfg.max_tokens - min(map(len, rows))
+        answers: list[list[int]] = [[] for _ in rows]
+        for _, _, tokens, alive in batched_greedy(loaded.model, rows, steps, eos):
+            for r, (t, a) in enumerate(zip(tokens.tolist(), alive.tolist())):
+                if a and len(rows[r]) + len(answers[r]) < cfg.max_tokens:
+                    answers[r].append(t)
+                    bar.update(1)
+        bar.update(sum(cfg.max_tokens - len(p) - len(a) for p, a in zip(rows, answers)))  # ended early
+        tmp = folder / f".part-{c:05d}.json.tmp"
+        tmp.write_text(json.dumps({"index": chunks[c], "answers": answers}))
+        os.replace(tmp, folder / f"part-{c:05d}.json")
+    bar.close()
+    seqs = [[] for _ in prompts]
+    for c in range(len(chunks)):
+        part = json.loads((folder / f"part-{c:05d}.json").read_text())
+        for i, answer in zip(part["index"], part["answers"]):
+            seqs[i] = prompts[i] + answer
+    return seqs
+
+
+def prepare(cfg: DistillConfig, loaded: LoadedModel, work: Path, progress: bool = True) -> dict:
     """Phase 1: sample and tokenize the texts, choose the draft vocabulary; ``meta.json`` (reused when present)."""
     path = work / "meta.json"
     if path.is_file():
         meta = json.loads(path.read_text())
+        meta["config"].setdefault("answers", "data")  # folders written before self-distillation existed
         if meta["config"] != cfg.cache_key():
             diff = [k for k in cfg.cache_key() if meta["config"].get(k) != cfg.cache_key()[k]]
             raise ValueError(f"{work} holds a cache built with other options ({', '.join(diff)}); "
@@ -117,10 +189,13 @@ def prepare(cfg: DistillConfig, loaded: LoadedModel, work: Path) -> dict:
         return meta
     if loaded.tokenizer is None:
         raise ValueError(f"target {loaded.name!r} has no tokenizer: distillation needs text")
-    items = training_chats(cfg.data, cfg.texts + cfg.held_out, cfg.seed)
-    if len(items) < cfg.held_out + 1:
-        raise ValueError(f"{cfg.data} has {len(items)} texts; need more than held-out ({cfg.held_out})")
-    seqs = [encode_text(loaded, it, cfg.max_tokens) for it in items]
+    if cfg.answers == "target":
+        seqs = target_answers(cfg, loaded, work, progress)
+    else:
+        seqs = [encode_text(loaded, it, cfg.max_tokens) for it in training_chats(cfg.data, cfg.texts + cfg.held_out,
+                                                                                 cfg.seed)]
+    if len(seqs) < cfg.held_out + 1:
+        raise ValueError(f"{cfg.data} has {len(seqs)} usable texts; need more than held-out ({cfg.held_out})")
     held, train = seqs[: cfg.held_out], [s for s in seqs[cfg.held_out :] if len(s) >= 8]
     counts = Counter(t for s in train for t in s)
     size = min(cfg.draft_vocab, loaded.vocab_size)
@@ -301,6 +376,9 @@ def losses(head: DraftHead, batch: dict, cfg: DistillConfig) -> dict:
         loss = kl[m].mean()
         if cfg.objective == "certified":
             loss = loss + cfg.hinge * F.relu(kl - cert)[m].mean()
+        elif cfg.objective == "reachable":
+            ratio = kl.clamp(min=1e-12).log() - cert.clamp(min=1e-12).log()
+            loss = loss + cfg.hinge * torch.sigmoid(ratio / REACHABLE_TAU)[m].mean()
         total = total + loss / cfg.depths
         with torch.no_grad():
             agree = head.vocab[logq[..., :-1].argmax(-1)] == top1
@@ -316,12 +394,13 @@ def losses(head: DraftHead, batch: dict, cfg: DistillConfig) -> dict:
 def new_head(cfg: DistillConfig, loaded: LoadedModel, vocab: list[int], seed: int) -> DraftHead:
     model = loaded.model
     mc = model.config
+    data = f"the target's answers to {cfg.data}" if cfg.answers == "target" else cfg.data
     rope = getattr(mc, "rope_parameters", None) or {}
     hc = HeadConfig(hidden=mc.hidden_size, vocab_size=loaded.vocab_size, feature_layers=tuple(cfg.feature_layers),
                     heads=max(1, mc.hidden_size // 64) if mc.hidden_size % 64 == 0 else mc.num_attention_heads,
                     intermediate=mc.intermediate_size, rope_theta=float(rope.get("rope_theta", 10000.0)),
                     target=loaded.name, target_fingerprint=fingerprint(model),
-                    trained=f"{cfg.objective} on {cfg.data}, {cfg.steps} steps of {cfg.batch_size}, seed {cfg.seed}")
+                    trained=f"{cfg.objective} on {data}, {cfg.steps} steps of {cfg.batch_size}, seed {cfg.seed}")
     torch.manual_seed(seed)
     return DraftHead(hc, torch.tensor(vocab), model.get_input_embeddings().weight,
                      model.get_output_embeddings().weight)
@@ -413,7 +492,7 @@ def run_distill(cfg: DistillConfig, work: Path, out: Path, progress: bool = True
         raise ValueError(f"feature layers must lie in 0..{layers} and end with {layers} (the final states), "
                          f"got {list(cfg.feature_layers)}")
     work = Path(work)
-    meta = prepare(cfg, loaded, work)
+    meta = prepare(cfg, loaded, work, progress)
     build_cache(cfg, loaded, meta, work, progress)
     train_texts, held = load_cache(meta, work)
     head = train(cfg, loaded, meta, train_texts, work, progress)

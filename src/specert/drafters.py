@@ -256,15 +256,18 @@ def layer_skip_view(model: torch.nn.Module, layers: int) -> torch.nn.Module:
 
 class NGramDrafter(Drafter):
     """Prompt lookup: the tokens that followed the longest matching suffix (at most ``n`` tokens) in the context,
-    most frequent first. No distribution: drafts are judged on the token alone."""
+    most frequent first. A drafted token copied from position j is followed, first, by the token at j + 1: a chain
+    copies a whole span, as transformers' prompt lookup and vLLM's n-gram proposer do. No distribution: drafts are
+    judged on the token alone."""
 
     def __init__(self, n: int):
         if n < 1:
             raise ValueError(f"ngram:N needs N >= 1, got {n}")
         self.n, self.spec = n, f"ngram:{n}"
 
-    def continuations(self, seq: torch.Tensor) -> list[int]:
-        """Tokens that followed earlier occurrences of the longest suffix of ``seq`` found, most frequent first."""
+    def continuations(self, seq: torch.Tensor) -> list[tuple[int, int]]:
+        """``(token, position)``: the tokens that followed earlier occurrences of the longest suffix of ``seq``
+        found, most frequent first, each with the position in ``seq`` of its most recent such occurrence."""
         for size in range(min(self.n, len(seq) - 1), 0, -1):
             suffix = seq[-size:]
             windows = seq[:-1].unfold(0, size, 1)  # [T - size, size]; a window must have a successor
@@ -273,22 +276,28 @@ class NGramDrafter(Drafter):
                 nxt = seq[hits + size]
                 values, counts = nxt.unique(return_counts=True)
                 # most frequent first, then the most recent occurrence
-                last = torch.stack([hits[nxt == v].max() for v in values])
+                last = torch.stack([hits[nxt == v].max() for v in values]) + size
                 order = sorted(range(len(values)), key=lambda i: (-int(counts[i]), -int(last[i])))
-                return [int(values[i]) for i in order]
+                return [(int(values[i]), int(last[i])) for i in order]
         return []
 
     def propose(self, context: list[int], schedule: Schedule) -> DraftTree:
-        tokens, parents, paths = [], [], {-1: list(context)}
+        tokens, parents, paths, sources = [], [], {-1: list(context)}, {-1: None}
         frontier = [-1]
         for depth in range(schedule.max_depth):
             widths = schedule.widths(depth, None, len(frontier), schedule.budget - len(tokens))
             nxt = []
             for pos, width in zip(frontier, widths):
-                for tok in self.continuations(torch.tensor(paths[pos]))[:width]:
+                if not width:
+                    continue
+                path, src = paths[pos], sources[pos]
+                span = [] if src is None else [(path[src + 1], src + 1)]  # src < len(path) - 1: a copied token
+                if width > len(span):
+                    span += [c for c in self.continuations(torch.tensor(path)) if not span or c[0] != span[0][0]]
+                for tok, at in span[:width]:
                     tokens.append(tok)
                     parents.append(pos)
-                    paths[len(tokens) - 1] = paths[pos] + [tok]
+                    paths[len(tokens) - 1], sources[len(tokens) - 1] = path + [tok], at
                     nxt.append(len(tokens) - 1)
             frontier = nxt
             if not frontier:

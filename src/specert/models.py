@@ -221,7 +221,8 @@ def batched_greedy(model, prompts: list[list[int]], steps: int, eos: set[int]):
 
     Yields ``(step, logits [B, V], tokens [B], alive [B])`` for ``step = 0 .. steps-1``: ``logits`` are the
     target's next-token logits, ``tokens`` their greedy tokens, ``alive`` False for prompts that already ended
-    with an EOS token (their rows are computed but meaningless). Stops early when every prompt has ended.
+    with an EOS token (their rows are zeros: ended prompts leave the batch and its KV cache, so the remaining ones
+    run at the cost of a smaller batch). Stops early when every prompt has ended.
     """
     b, width = len(prompts), max(len(p) for p in prompts)
     ids = torch.zeros(b, width, dtype=torch.long)
@@ -232,17 +233,27 @@ def batched_greedy(model, prompts: list[list[int]], steps: int, eos: set[int]):
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     cache = new_cache(model)
     key = _cache_kwarg(model)
-    alive = torch.ones(b, dtype=torch.bool)
+    rows = torch.arange(b)  # the prompts still in the batch
     eos_ids = torch.tensor(sorted(eos), dtype=torch.long)
     logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **{key: cache}).logits
     for step in range(steps):
         last = logits[:, -1].float() if logits.dtype not in (torch.float32, torch.float64) else logits[:, -1]
         tokens = last.argmax(-1)
-        yield step, last, tokens, alive.clone()
-        alive &= ~torch.isin(tokens, eos_ids)
-        if not alive.any() or step == steps - 1:
+        alive = torch.zeros(b, dtype=torch.bool)
+        alive[rows] = True
+        full_logits = torch.zeros(b, last.shape[-1], dtype=last.dtype)
+        full_logits[rows] = last
+        full_tokens = torch.zeros(b, dtype=torch.long)
+        full_tokens[rows] = tokens
+        yield step, full_logits, full_tokens, alive
+        going = ~torch.isin(tokens, eos_ids)
+        if not going.any() or step == steps - 1:
             return
-        mask = torch.cat([mask, torch.ones(b, 1, dtype=torch.long)], -1)
+        if not going.all():
+            keep = going.nonzero()[:, 0]
+            cache.reorder_cache(keep)
+            rows, tokens, mask, positions = rows[keep], tokens[keep], mask[keep], positions[keep]
+        mask = torch.cat([mask, torch.ones(len(rows), 1, dtype=torch.long)], -1)
         positions = positions[:, -1:] + 1
         logits = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=positions, use_cache=True,
                        **{key: cache}).logits

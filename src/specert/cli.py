@@ -230,7 +230,7 @@ def select_(target, prompts, num_prompts, steps, drafters, rules, shapes, min_ag
 @click.option("--objective", type=click.Choice(["certified", "reachable", "kl"]), default="certified",
               show_default=True, help="KL(p||q) plus a hinge on KL - C_p ('certified'), plus a smooth count of steps "
               "with KL > C_p ('reachable'), or KL(p||q) alone.")
-@click.option("--rule", default="greedy", show_default=True, help="The rule whose certificate C_p the hinge uses.")
+@click.option("--rule", default="greedy", show_default=True, help="The rule whose C_p the objective uses.")
 @click.option("--hinge", default=1.0, show_default=True, help="Weight lambda of the certificate term.")
 @click.option("--depths", default=3, show_default=True, help="Training-time test depth (draft positions learned).")
 @click.option("--steps", default=1000, show_default=True, help="Optimiser steps.")

@@ -153,14 +153,21 @@ class HeadDrafter(Drafter):
     def __init__(self, head, spec: str):
         self.head, self.spec = head, spec
         self.feature_layers = head.cfg.feature_layers
-        self.features = torch.zeros(0, head.cfg.features)  # [F, nl * H]
+        self._buffer = torch.zeros(0, head.cfg.features)  # grows by doubling; ``features`` is a view of its start
+        self.features = self._buffer  # [F, nl * H]
         self.keys = self.values = None  # [1, nh, C, hd]
         self.entry_tokens: list[int] = []  # token t+1 of each cached entry t
 
     def target_ran(self, start, features):
         # NOTE: rounded to float16 as in training, where the target's states were cached in float16.
         new = self.features[:0] if features is None else features.half().float()
-        self.features = torch.cat([self.features[:start], new])
+        end = start + len(new)
+        if end > len(self._buffer):  # a preallocated buffer: no copy of the whole history at every step
+            grown = torch.zeros(max(end, 2 * len(self._buffer)), self._buffer.shape[1])
+            grown[:start] = self._buffer[:start]
+            self._buffer = grown
+        self._buffer[start:end] = new
+        self.features = self._buffer[:end]
         self.entry_tokens = self.entry_tokens[:start]
 
     def _crop(self, n: int) -> None:

@@ -21,7 +21,8 @@ from specert.trace import SpecDecodeMetrics
 
 SPEC_BENCH = Path(__file__).resolve().parents[2] / "shared" / "data" / "spec_bench" / "question.jsonl"
 SHAPES = {
-    "int8": [("k", 2), ("k", 4), ("tree", "2,2,1"), ("k", "heuristic"), ("k", "auto"), ("tree", "auto:16")],
+    "int4": [("k", 4), ("k", 8), ("k", 12), ("tree", "2,1,1,1,1,1,1"), ("k", "heuristic"), ("k", "auto"),
+             ("k", "auto:16"), ("tree", "auto:16")],
     "ngram:3": [("k", 2), ("k", 4), ("tree", "3,2,1,1"), ("k", "heuristic"), ("k", "auto"), ("tree", "auto:16")],
     "layerskip:20": [("k", 4), ("k", "auto")],
     "head": [("k", 1), ("k", 2), ("k", 4), ("tree", "2,1"), ("tree", "3,2,2,1"), ("k", "heuristic"), ("k", "auto"),

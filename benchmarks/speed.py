@@ -7,6 +7,10 @@ script checks it.
 
     python benchmarks/speed.py --per-category 2 --max-new-tokens 64
 
+Model drafters (``--model-drafter``, default ``int4`` for the embedded target: the target with 4-bit weights) run in
+specert as a chain of ``--model-k`` tokens and in transformers as ``assistant_model`` with its default schedule
+(up to 20 tokens, stopping early below a confidence of 0.4).
+
 Draft heads (``specert distill``) have no transformers counterpart; ``--head SPEC`` (repeatable; default the head
 shipped for the embedded model) adds them, with the share of traced positions whose KL(p || q) was below the strict
 greedy certificate (certified, hence accepted).
@@ -48,11 +52,22 @@ def main():
     ap.add_argument("--k", type=int, default=4, help="draft length of specert and transformers alike")
     ap.add_argument("--layerskip", type=int, default=4, help="early-exit layer of the layer-skip drafter")
     ap.add_argument("--ngram", type=int, default=3)
-    ap.add_argument("--head", action="append", help="draft head spec (repeatable), e.g. head or head:FILE")
+    ap.add_argument("--model-drafter", action="append",
+                    help="model drafter spec (repeatable): int4, int8 or model:SPEC; default int4 (embedded target)")
+    ap.add_argument("--model-k", type=int, default=8, help="specert's chain length with model drafters")
+    ap.add_argument("--head", action="append",
+                    help="draft head spec (repeatable), e.g. head or head:FILE; none for no head")
+    ap.add_argument("--model-shape", action="append", default=[],
+                    help="also run each model drafter with this shape (repeatable), e.g. k=auto:16")
+    ap.add_argument("--no-free-drafters", action="store_true", help="leave out ngram and layerskip (and their "
+                    "transformers counterparts)")
     ap.add_argument("--head-shape", action="append", default=[],
                     help="also run each head with this shape (repeatable), e.g. k=3 or tree=2,1")
     args = ap.parse_args()
-    heads = args.head if args.head is not None else (["head"] if args.target == "smollm2-135m" else [])
+    embedded = args.target == "smollm2-135m"
+    heads = args.head if args.head is not None else (["head"] if embedded else [])
+    heads = [h for h in heads if h != "none"]
+    model_drafters = args.model_drafter if args.model_drafter is not None else (["int4"] if embedded else [])
 
     target = load_model(args.target)
     model = target.model
@@ -74,6 +89,20 @@ def main():
             model, ids, args.max_new_tokens, assistant_early_exit=args.layerskip), None),
     }
     drafters = {ngram: drafter_from_spec(ngram, target), skip: drafter_from_spec(skip, target)}
+    for spec in model_drafters:
+        drafters[spec] = drafter_from_spec(spec, target)
+        methods[f"specert {spec} k={args.model_k}"] = lambda ids, spec=spec: _spec(
+            target, ids, spec, args, {"k": args.model_k})
+        methods[f"hf assisted {spec}"] = lambda ids, spec=spec: (hf_generate(
+            model, ids, args.max_new_tokens, assistant_model=drafters[spec].model), None)
+        for shape in args.model_shape:
+            kind, _, value = shape.partition("=")
+            methods[f"specert {spec} {shape}"] = lambda ids, spec=spec, kind=kind, value=value: _spec(
+                target, ids, spec, args, {kind: int(value) if value.isdigit() else value})
+    if args.no_free_drafters:
+        free = (ngram, skip, f"prompt lookup {args.ngram}", f"early exit {args.layerskip}")
+        methods = {name: fn for name, fn in methods.items() if not name.endswith(free)}
+        del drafters[ngram], drafters[skip]
     for spec in heads:
         drafters[spec] = drafter_from_spec(spec, target)
         methods[f"specert {spec}"] = lambda ids, spec=spec: _spec(target, ids, spec, args)
@@ -135,8 +164,9 @@ def main():
     rel = forward_times(target, ids)
     print("target forward of n tokens relative to 1 token: " + ", ".join(f"{n}: {r:.2f}" for n, r in rel.items()))
     for spec, drafter in drafters.items():
-        print(f"cost of one drafted token relative to one target forward, {spec}: "
-              f"{drafter_cost(target, drafter, ids, args.k):.3f}")
+        k = args.model_k if spec in model_drafters else args.k
+        print(f"cost of one drafted token relative to one target forward, {spec} (chain of {k}): "
+              f"{drafter_cost(target, drafter, ids, k):.3f}")
 
 
 def forward_times(target, ids, sizes=(1, 2, 3, 4, 5, 6, 8, 12, 16), repeats: int = 7) -> dict:

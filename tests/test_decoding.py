@@ -31,6 +31,7 @@ def _drafters(target):
         model_drafter(other, target),
         ModelDrafter(target.model, "self"),  # the target itself: every draft is certified and accepted
         drafter_from_spec("int8", target),
+        drafter_from_spec("int4", target),
     ]
 
 
@@ -138,6 +139,24 @@ def test_certified_schedule_guarantee_and_economy(target):
     auto = generate(target, PROMPT, far, max_new_tokens=40, k="auto:8")
     fixed = generate(target, PROMPT, far, max_new_tokens=40, k=8)
     assert sum(auto.verified) / auto.steps < sum(fixed.verified) / fixed.steps
+
+
+def test_certified_tree_never_cuts_a_width_to_fit_the_budget():
+    """A position certified only at width m gets m children or none: fewer than m would void the guarantee (a
+    benchmark run's audit caught 1 position of 364 where the budget had cut a certified 4 to 1)."""
+    from specert.certificates import drafter_certificate
+    from specert.schedules import CertifiedSchedule
+
+    flat = torch.tensor([[3.0, 2.9, 2.8, 2.7, 0.0, -1.0, -2.0, -3.0]])  # four near-equal tokens: certified at m = 4
+    peaked = torch.tensor([[9.0, 0.0, -1.0, -2.0, -3.0, -4.0, -5.0, -6.0]])  # certified at m = 1
+    s = CertifiedSchedule(max_depth=3, max_width=8, budget=16)
+    s.eps_hat = 0.05
+    m = next(w for w in range(1, 8) if float(drafter_certificate(flat[0], w)) > s.eps_hat)
+    assert m > 1
+    both = torch.cat([peaked, flat])
+    assert s.widths(1, both, 2, budget_left=m + 1) == [1, m]
+    assert s.widths(1, both, 2, budget_left=m) == [1, 0]  # m no longer fits after the first: no children
+    assert s.widths(1, flat, 1, budget_left=m - 1) == [0]
 
 
 def test_heuristic_schedule_grows_and_shrinks(target):

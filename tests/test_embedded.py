@@ -22,7 +22,7 @@ def test_chat_template_and_context(embedded):
 def test_greedy_speculative_output_is_the_targets_own(embedded):
     ids = encode_prompt(embedded, "List three colours of the rainbow.")
     base = generate(embedded, ids, max_new_tokens=24)
-    for spec in ["ngram:3", "layerskip:12", "int8", "head"]:
+    for spec in ["ngram:3", "layerskip:12", "int4", "head"]:
         drafter = drafter_from_spec(spec, embedded)
         for shape in (dict(k=4), dict(tree="3,2,1")):
             out = generate(embedded, ids, drafter, "greedy", max_new_tokens=24, trace=True, **shape)

@@ -96,7 +96,7 @@ def bench(batch, vocab, repeat):
 @click.option("--prompt", required=True, help="The user turn (goes through the chat template).")
 @click.option("--target", default="smollm2-135m", show_default=True, help="Model spec of the target.")
 @click.option("--drafter", default="ngram:3", show_default=True,
-              help="model:SPEC, layerskip:L, ngram:N, int8 or head[:PATH].")
+              help="model:SPEC, layerskip:L, ngram:N, int4, int8 or head[:PATH].")
 @click.option("--rule", "rule_spec", default="greedy", show_default=True, help="Acceptance rule spec.")
 @click.option("--k", default=None, help="Chain length (default 4), auto[:K] (certified) or heuristic[:K].")
 @click.option("--tree", default=None, help="Tree widths per depth, e.g. 4,2,1, or auto[:B] (instead of --k).")
@@ -161,7 +161,7 @@ def generate(prompt, target, drafter, rule_spec, k, tree, quantile, max_new_toke
 @click.option("--steps", default=64, show_default=True, help="Greedy steps (new tokens) per prompt.")
 @click.option("--rule", "rules", multiple=True, help="Rule spec (repeatable); default: the standard set.")
 @click.option("--drafter", "drafters", multiple=True,
-              help="Drafter spec (repeatable): model:SPEC, layerskip:L, ngram:N, int8, head[:PATH].")
+              help="Drafter spec (repeatable): model:SPEC, layerskip:L, ngram:N, int4, int8, head[:PATH].")
 @click.option("--decode-rule", "decode_rules", multiple=True,
               help="Rules to decode for real with each drafter (repeatable); default: greedy and Medusa's typical.")
 @click.option("--decode-prompts", default=8, show_default=True, help="Prompts decoded for real (batch 1) per run.")

@@ -156,6 +156,8 @@ def generate(target: LoadedModel, prompt: list[int], drafter: Drafter | None = N
         states = None
         if len(prompt) > 1:  # prefill all but the last token
             _, states = forward_features(target.model, cache, prompt[:-1], layers, last_only=True)
+            if drafter is not None:
+                drafter.target_prefilled(prompt[:-1], cache)
         if layers:  # (re)starts the drafter's mirror of the target's cache
             drafter.target_ran(0, states)
         context = list(prompt)

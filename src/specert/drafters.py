@@ -13,7 +13,8 @@ spec              drafter
 ``model:SPEC``    a separate small causal LM (any model spec of :mod:`specert.models`), same vocabulary
 ``layerskip:L``   the target's first L layers with its final norm and LM head, sharing its weights
 ``ngram:N``       prompt lookup: continuations of the longest suffix (N tokens at most) seen in the context
-``int8``          an int8 dynamic-quantized copy of the target (torch's ``quantize_dynamic`` of its Linear layers)
+``int4``          the target with 4-bit weights (groups of 32; exact for Q4_1 GGUF layers), LM head int8
+``int8``          the target with int8 weights, one scale per row (:mod:`specert.quantized`)
 ``head[:PATH]``   a draft head trained by ``specert distill`` (:mod:`specert.head`) reading the target's hidden
                   states; without PATH the head shipped for the embedded default
 ================  =======================================================================================
@@ -70,6 +71,9 @@ class Drafter:
     spec: str = "?"
     feature_layers: tuple[int, ...] = ()
 
+    def target_prefilled(self, tokens: list[int], cache) -> None:
+        """The target's KV ``cache`` now holds the prompt ``tokens`` (default: nothing to do)."""
+
     def target_ran(self, start: int, features: torch.Tensor | None) -> None:
         """The target's cache now holds the context up to ``start + len(features)``; ``features`` ``[n, nl * H]``
         are the hidden states of positions ``start ..`` (only drafters with ``feature_layers`` get them)."""
@@ -82,13 +86,29 @@ class Drafter:
         """Learn what the verifier accepted (default: nothing to learn)."""
 
 
-class ModelDrafter(Drafter):
-    """A causal LM drafting greedily with its own KV cache, kept in sync with the context by common prefix."""
+DECODE_ROWS = 8  # tokens per forward when scoring as drafting does (under specert.quantized.PREFILL_ROWS)
 
-    def __init__(self, model: torch.nn.Module, spec: str):
-        self.model, self.spec = model, spec
+
+class ModelDrafter(Drafter):
+    """A causal LM drafting greedily with its own KV cache, kept in sync with the context by common prefix.
+
+    A drafter made of the target's own first layers (``layers_of_target``: a layer-skip view, a quantized copy)
+    starts each prompt from the target's KV cache of it: its layers compute the same entries (a quantized copy
+    runs prompts on the shared float weights), so a long prompt is not prefilled twice.
+    """
+
+    def __init__(self, model: torch.nn.Module, spec: str, layers_of_target: bool = False):
+        self.model, self.spec, self.layers_of_target = model, spec, layers_of_target
         self.cache = new_cache(model)
         self.cached: list[int] = []  # tokens whose keys and values the cache holds
+
+    def target_prefilled(self, tokens, cache):
+        if not self.layers_of_target:
+            return
+        self.cache = new_cache(self.model)
+        for i, layer in enumerate(cache.layers[: self.model.config.num_hidden_layers]):
+            self.cache.update(layer.keys.clone(), layer.values.clone(), i)
+        self.cached = list(tokens)
 
     def _sync(self, context: list[int]) -> torch.Tensor:
         """Bring the cache to ``context`` and return the logits after it ``[V]``."""
@@ -100,6 +120,17 @@ class ModelDrafter(Drafter):
         logits = forward(self.model, self.cache, context[same:])
         self.cached = list(context)
         return logits[-1]
+
+    @torch.inference_mode()
+    def score(self, tokens: list[int], prompt: int) -> torch.Tensor:
+        """Teacher-forced logits ``[len(tokens), V]`` (row t predicts token t+1) as drafting computes them: the
+        first ``prompt`` tokens as one prefill, the rest a few tokens per forward. (A quantized copy runs prompts
+        on float weights and drafts on its integer kernels: scored in one pass, a text would be all prompt.)"""
+        cache = new_cache(self.model)
+        rows = [forward(self.model, cache, tokens[:prompt])] if prompt else []
+        for start in range(prompt, len(tokens), DECODE_ROWS):
+            rows.append(forward(self.model, cache, tokens[start : start + DECODE_ROWS]))
+        return torch.cat(rows)
 
     def propose(self, context: list[int], schedule: Schedule) -> DraftTree:
         rows = [self._sync(context)]  # [V] logits after the root, then after each scored node
@@ -118,9 +149,12 @@ class ModelDrafter(Drafter):
             if not frontier or depth == schedule.max_depth - 1:
                 break
             rows += self._score_level(tokens, parents, frontier, base, depth + 1)
-        keep_cache(self.cache, base, [])  # drop the tree's entries: the next context re-syncs
-        self.cached = list(context)
         n = len(tokens)
+        if all(p == i - 1 for i, p in enumerate(parents)):  # a chain: its entries are the context's if accepted
+            self.cached = list(context) + tokens[: cache_length(self.cache) - base]
+        else:
+            keep_cache(self.cache, base, [])  # drop the tree's entries: the next context re-syncs
+            self.cached = list(context)
         logits = torch.stack(rows + [torch.full_like(rows[0], float("nan"))] * (1 + n - len(rows)))
         expanded = [True] * len(rows) + [False] * (1 + n - len(rows))
         return DraftTree(tokens, parents, logits, expanded)
@@ -158,6 +192,7 @@ class HeadDrafter(Drafter):
         self.keys = self.values = None  # [1, nh, C, hd]
         self.entry_tokens: list[int] = []  # token t+1 of each cached entry t
 
+    @torch.inference_mode()
     def target_ran(self, start, features):
         # NOTE: rounded to float16 as in training, where the target's states were cached in float16.
         new = self.features[:0] if features is None else features.half().float()
@@ -312,25 +347,14 @@ class NGramDrafter(Drafter):
         return DraftTree(tokens, parents, None, [False] * (1 + len(tokens)))
 
 
-def int8_copy(model: torch.nn.Module) -> torch.nn.Module:
-    """An int8 dynamic-quantized copy of ``model`` (weights int8, activations quantized on the fly)."""
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torch.ao.quantization announces its move to torchao
-        weights = copy.deepcopy(model)
-        if next(weights.parameters()).dtype != torch.float32:
-            weights = weights.float()  # int8 kernels take float32 activations
-        return torch.ao.quantization.quantize_dynamic(weights, {torch.nn.Linear}, dtype=torch.qint8)
-
-
 def check_drafter_spec(spec: str) -> None:
     """Raise ``ValueError`` for a malformed drafter spec, before any model is loaded."""
     kind, _, arg = spec.partition(":")
-    if spec in ("int8", "head"):
+    if spec in ("int4", "int8", "head"):
         return
     if kind not in ("model", "layerskip", "ngram", "head"):
-        raise ValueError(f"unknown drafter spec {spec!r}; use model:SPEC, layerskip:L, ngram:N, head[:PATH] or int8")
+        raise ValueError(
+            f"unknown drafter spec {spec!r}; use model:SPEC, layerskip:L, ngram:N, head[:PATH], int4 or int8")
     if kind in ("layerskip", "ngram") and arg and not arg.isdigit():
         raise ValueError(f"drafter spec {spec!r}: {kind} takes a whole number, e.g. {kind}:3")
     if kind != "ngram" and not arg:
@@ -341,8 +365,10 @@ def drafter_from_spec(spec: str, target: LoadedModel) -> Drafter:
     """Build a drafter from its spec string (see the module docstring) for the given target."""
     check_drafter_spec(spec)
     kind, _, arg = spec.partition(":")
-    if spec == "int8":
-        return ModelDrafter(int8_copy(target.model), spec)
+    if spec in ("int4", "int8"):
+        from specert.quantized import quantized_copy
+
+        return ModelDrafter(quantized_copy(target.model, int(spec[3:])), spec, layers_of_target=True)
     if kind == "ngram":
         return NGramDrafter(int(arg or 3))
     if kind == "head":
@@ -350,7 +376,7 @@ def drafter_from_spec(spec: str, target: LoadedModel) -> Drafter:
 
         return HeadDrafter(load_head(arg or shipped_head(target), target), spec)
     if kind == "layerskip":
-        return ModelDrafter(layer_skip_view(target.model, int(arg)), spec)
+        return ModelDrafter(layer_skip_view(target.model, int(arg)), spec, layers_of_target=True)
     return model_drafter(load_model(arg), target, spec)
 
 

@@ -178,7 +178,7 @@ def drafter_part(loaded, drafter_spec, drafter, encoded, greedy, batch, cfg) -> 
                 states = torch.cat([out.hidden_states[j][0] for j in layers], -1)  # [T, nl * H]
                 q = drafter.score(seq[:-1], states)[n - 1 :].double()
             else:
-                q = drafter.model(full).logits[0, n - 1 :].double()  # [T, V]
+                q = drafter.score(seq[:-1], n - 1)[n - 1 :].double()  # [T, V]
             draft_tokens = q.argmax(-1)
             divergence, d_q = kl(p, q), drafter_certificate(q, 1)
             certs = certificates(p, cfg.rules)

@@ -10,7 +10,7 @@ spec (``k`` / ``tree``)  schedule
 ``tree=4,2,1``         a tree, width 4 at depth 0, 2 at depth 1, 1 at depth 2
 ``k=auto[:K]``         certified chain: keep drafting while D_q(1) > eps_hat, at most K (8) tokens
 ``tree=auto[:B]``      certified tree: each position gets the smallest m <= 8 with D_q(m) > eps_hat, at most B
-                       (16) nodes, depth <= 8
+                       (16) nodes, depth <= 8; a position whose m no longer fits the budget gets no children
 ``k=heuristic[:K]``    transformers' heuristic: start at K (5); +2 after a fully accepted step, -1 otherwise
 =====================  ====================================================================================
 
@@ -115,7 +115,7 @@ class CertifiedSchedule(Schedule):
                 if float(drafter_certificate(logits[i], width)) > self.eps_hat:
                     m = width
                     break
-            m = min(m, budget_left)
+            m = m if m <= budget_left else 0  # a cut width would void the guarantee: no children instead
             budget_left -= m
             out.append(m)
         return out

@@ -53,11 +53,33 @@ def supported(weight: torch.Tensor, bits: int) -> bool:
     return in_features % GROUP == 0 and (bits == 8 or out_features % 16 == 0)
 
 
-class Int4Linear(torch.nn.Module):
-    """``y = x W^T + b`` with W stored as 4-bit groups (see the module docstring for the grid)."""
+class QuantizedLinear(torch.nn.Module):
+    """``y = x W^T + b`` with W stored in integers (subclasses hold them and run the product); inputs of
+    ``PREFILL_ROWS`` rows or more run on the shared float weight."""
 
     def __init__(self, linear: torch.nn.Linear):
         super().__init__()
+        self.bias = linear.bias
+        self.float_weight = linear.weight  # shared with the original model, for prompts
+        self.out_features, self.in_features = linear.weight.shape
+
+    def product(self, x: torch.Tensor) -> torch.Tensor:
+        """``x W^T`` for ``x [rows, in]`` in ``ACTIVATIONS``, from the stored integers."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features)
+        if len(flat) >= PREFILL_ROWS:
+            return torch.nn.functional.linear(x, self.float_weight, self.bias)
+        y = self.product(flat.to(ACTIVATIONS)).view(*x.shape[:-1], self.out_features).to(x.dtype)
+        return y if self.bias is None else y + self.bias
+
+
+class Int4Linear(QuantizedLinear):
+    """W stored as 4-bit groups (see the module docstring for the grid)."""
+
+    def __init__(self, linear: torch.nn.Linear):
+        super().__init__(linear)
         w = linear.weight.detach().float()
         n, k = w.shape
         groups = w.view(n, k // GROUP, GROUP)
@@ -68,40 +90,24 @@ class Int4Linear(torch.nn.Module):
         self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1))
         # [in / g, out, 2]: scale and zero of each group, as the kernel reads them
         self.register_buffer("scales_and_zeros", torch.stack([d.t(), (low + 8 * d).t()], -1).to(ACTIVATIONS))
-        self.bias = linear.bias
-        self.float_weight = linear.weight  # shared, for prompts
-        self.in_features, self.out_features = k, n
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, self.in_features)
-        if len(flat) >= PREFILL_ROWS:
-            return torch.nn.functional.linear(x, self.float_weight, self.bias)
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat.to(ACTIVATIONS), self.packed, GROUP, self.scales_and_zeros)
-        y = y.view(*x.shape[:-1], self.out_features).to(x.dtype)
-        return y if self.bias is None else y + self.bias
+    def product(self, x):
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, GROUP, self.scales_and_zeros)
 
 
-class Int8Linear(torch.nn.Module):
-    """``y = x W^T + b`` with W stored as int8 rows, one scale per row (see the module docstring)."""
+class Int8Linear(QuantizedLinear):
+    """W stored as int8 rows, one scale per row (see the module docstring)."""
 
     def __init__(self, linear: torch.nn.Linear):
-        super().__init__()
+        super().__init__(linear)
         w = linear.weight.detach().float()
         s = w.abs().amax(1) / 127
         s = torch.where(s > 0, s, torch.ones_like(s))
         self.register_buffer("weight_int8", (w / s[:, None]).round().clamp(-127, 127).to(torch.int8))
         self.register_buffer("scales", s.to(ACTIVATIONS))
-        self.bias = linear.bias
-        self.float_weight = linear.weight  # shared, for prompts
-        self.in_features, self.out_features = w.shape[1], w.shape[0]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, self.in_features)
-        if len(flat) >= PREFILL_ROWS:
-            return torch.nn.functional.linear(x, self.float_weight, self.bias)
-        y = torch.ops.aten._weight_int8pack_mm(flat.to(ACTIVATIONS), self.weight_int8, self.scales)
-        y = y.view(*x.shape[:-1], self.out_features).to(x.dtype)
-        return y if self.bias is None else y + self.bias
+    def product(self, x):
+        return torch.ops.aten._weight_int8pack_mm(x, self.weight_int8, self.scales)
 
 
 def quantized_copy(model: torch.nn.Module, bits: int) -> torch.nn.Module:

@@ -239,3 +239,23 @@ def test_ngram_chain_copies_a_span():
     assert drafter.continuations(torch.tensor(context)) == [(4, 8), (9, 3)]
     tree = drafter.propose(context, make_schedule(tree="2,1"))
     assert tree.tokens == [4, 9, 5, 9] and tree.parents == [-1, -1, 0, 1]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_decode_step_is_the_forward_of_one_token(arch):
+    """The drafters' one-token path runs the same modules as transformers' forward: same logits, same cache."""
+    from specert.models import can_step, decode_step, forward, new_cache
+    from specert.quantized import quantized_copy
+
+    target = tiny_model(arch, seed=6)
+    for model in (target.model, quantized_copy(target.model, 4), layer_skip_view(target.model, 2)):
+        assert can_step(model)
+        a, b = new_cache(model), new_cache(model)
+        forward(model, a, PROMPT)
+        forward(model, b, PROMPT)
+        for token in (7, 8, 9):
+            ref, got = forward(model, a, [token])[0], decode_step(model, b, token)
+            assert torch.allclose(got, ref, atol=1e-6 * float(ref.abs().max()))
+        for x, y in zip(a.layers, b.layers):
+            assert torch.allclose(x.keys, y.keys) and torch.allclose(x.values, y.values)
+    assert not can_step(torch.nn.Linear(2, 2))

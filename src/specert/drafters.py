@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from specert.models import LoadedModel, cache_length, forward, keep_cache, load_model, new_cache
+from specert.models import LoadedModel, cache_length, can_step, decode_step, forward, keep_cache, load_model, new_cache
 from specert.schedules import Schedule
 
 
@@ -99,6 +99,7 @@ class ModelDrafter(Drafter):
 
     def __init__(self, model: torch.nn.Module, spec: str, layers_of_target: bool = False):
         self.model, self.spec, self.layers_of_target = model, spec, layers_of_target
+        self.steps = can_step(model)  # single tokens through decode_step
         self.cache = new_cache(model)
         self.cached: list[int] = []  # tokens whose keys and values the cache holds
 
@@ -117,9 +118,15 @@ class ModelDrafter(Drafter):
         while same < limit and self.cached[same] == context[same]:
             same += 1
         keep_cache(self.cache, same, [])
-        logits = forward(self.model, self.cache, context[same:])
+        logits = self._run(context[same:])
         self.cached = list(context)
         return logits[-1]
+
+    def _run(self, tokens: list[int]) -> torch.Tensor:
+        """Logits ``[len(tokens), V]`` after running ``tokens`` causally after the cache."""
+        if len(tokens) == 1 and self.steps and cache_length(self.cache):
+            return decode_step(self.model, self.cache, tokens[0])[None]
+        return forward(self.model, self.cache, tokens)
 
     @torch.inference_mode()
     def score(self, tokens: list[int], prompt: int) -> torch.Tensor:
@@ -163,7 +170,7 @@ class ModelDrafter(Drafter):
         """Logits after each node of one level, in one forward; earlier levels are in the cache, node i at slot
         ``base + i``, and each node sees the context, its ancestors and itself."""
         if len(level) == 1 and all(parents[i] == i - 1 for i in range(level[0] + 1)):
-            return list(forward(self.model, self.cache, [tokens[level[0]]]))  # a chain: a plain causal step
+            return list(self._run([tokens[level[0]]]))  # a chain: a plain causal step
         past = cache_length(self.cache)
         anc = ancestors(parents)
         attend = torch.zeros(len(level), past + len(level), dtype=torch.bool)

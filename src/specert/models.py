@@ -196,6 +196,43 @@ def forward_features(model, cache, tokens: list[int], layers: tuple[int, ...], p
     return logits, feats
 
 
+# Decoder families whose layers :func:`decode_step` runs directly (pre-norm, rotary, full attention, GQA).
+_STEP_MODEL_TYPES = frozenset({"llama", "qwen3"})
+
+
+def can_step(model) -> bool:
+    """Whether :func:`decode_step` can run ``model`` (otherwise use :func:`forward`)."""
+    config = getattr(model, "config", None)
+    return (getattr(config, "model_type", None) in _STEP_MODEL_TYPES and not getattr(config, "sliding_window", None)
+            and hasattr(getattr(model, "model", None), "rotary_emb"))
+
+
+@torch.inference_mode()
+def decode_step(model, cache, token: int) -> torch.Tensor:
+    """:func:`forward` of one token right after what ``cache`` holds, its logits ``[V]``: the same modules and
+    cache updates as transformers' forward, without its per-call machinery (masks, hooks, keyword plumbing), which
+    costs a drafter of 20 ms per token about 2 ms. Only for :func:`can_step` models with a non-empty cache."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    inner = model.model
+    x = inner.embed_tokens(torch.tensor([[token]]))
+    cos, sin = inner.rotary_emb(x, torch.tensor([[cache_length(cache)]]))
+    for i, layer in enumerate(inner.layers):
+        attn = layer.self_attn
+        h = layer.input_layernorm(x)
+        shape = (1, 1, -1, attn.head_dim)
+        q, k = attn.q_proj(h).view(shape), attn.k_proj(h).view(shape)
+        if hasattr(attn, "q_norm"):  # qwen3 normalises each head's queries and keys
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        q, k = apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+        k, v = cache.update(k, attn.v_proj(h).view(shape).transpose(1, 2), i)
+        o = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=attn.scaling, enable_gqa=True)
+        x = x + attn.o_proj(o.transpose(1, 2).reshape(1, 1, -1))
+        x = x + layer.mlp(layer.post_attention_layernorm(x))
+    logits = model.lm_head(inner.norm(x))[0, -1]
+    return logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
+
+
 def keep_cache(cache, keep_from: int, slots: list[int]) -> None:
     """Keep the cache up to ``keep_from`` followed by the given later ``slots`` (in order); drop the rest.
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from specert.acceptance import tokens_accepted
-from specert.drafters import Drafter, DraftTree, ancestors
+from specert.drafters import Drafter, DraftTree, ancestors, is_chain
 from specert.models import LoadedModel, cache_length, forward_features, keep_cache, new_cache
 from specert.rules import Rule
 from specert.rules import rule as as_rule
@@ -86,7 +86,7 @@ def _step(target, cache, drafter: Drafter, r: Rule, context: list[int], schedule
     past = cache_length(cache)
     n = len(tree.tokens)
     pad = max(0, VERIFY_MIN_TOKENS - 1 - n) if n else 0
-    chain = all(p == i - 1 for i, p in enumerate(tree.parents))
+    chain = is_chain(tree.parents)
     attend, positions = None, None
     if not chain:  # 2. verify every node in one forward: each sees the context, its ancestors and itself
         attend = torch.zeros(1 + n + pad, past + 1 + n + pad, dtype=torch.bool)

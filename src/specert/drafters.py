@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from specert.models import LoadedModel, cache_length, can_step, decode_step, forward, keep_cache, load_model, new_cache
+from specert.quantized import PREFILL_ROWS, quantized_copy
 from specert.schedules import Schedule
 
 
@@ -49,6 +50,11 @@ class DraftTree:
 
     def children(self, position: int) -> list[int]:
         return [i for i, p in enumerate(self.parents) if p == position]
+
+
+def is_chain(parents: list[int]) -> bool:
+    """Whether nodes with these parents form a chain (each node the child of the one before)."""
+    return all(p == i - 1 for i, p in enumerate(parents))
 
 
 def ancestors(parents: list[int]) -> torch.Tensor:
@@ -86,7 +92,7 @@ class Drafter:
         """Learn what the verifier accepted (default: nothing to learn)."""
 
 
-DECODE_ROWS = 8  # tokens per forward when scoring as drafting does (under specert.quantized.PREFILL_ROWS)
+DECODE_ROWS = PREFILL_ROWS // 2  # tokens per forward when scoring as drafting does: few enough to draft, not prefill
 
 
 class ModelDrafter(Drafter):
@@ -157,7 +163,7 @@ class ModelDrafter(Drafter):
                 break
             rows += self._score_level(tokens, parents, frontier, base, depth + 1)
         n = len(tokens)
-        if all(p == i - 1 for i, p in enumerate(parents)):  # a chain: its entries are the context's if accepted
+        if is_chain(parents):  # a chain: its entries are the context's if accepted
             self.cached = list(context) + tokens[: cache_length(self.cache) - base]
         else:
             keep_cache(self.cache, base, [])  # drop the tree's entries: the next context re-syncs
@@ -169,7 +175,7 @@ class ModelDrafter(Drafter):
     def _score_level(self, tokens, parents, level, base, depth) -> list[torch.Tensor]:
         """Logits after each node of one level, in one forward; earlier levels are in the cache, node i at slot
         ``base + i``, and each node sees the context, its ancestors and itself."""
-        if len(level) == 1 and all(parents[i] == i - 1 for i in range(level[0] + 1)):
+        if len(level) == 1 and is_chain(parents[: level[0] + 1]):
             return list(self._run([tokens[level[0]]]))  # a chain: a plain causal step
         past = cache_length(self.cache)
         anc = ancestors(parents)
@@ -373,8 +379,6 @@ def drafter_from_spec(spec: str, target: LoadedModel) -> Drafter:
     check_drafter_spec(spec)
     kind, _, arg = spec.partition(":")
     if spec in ("int4", "int8"):
-        from specert.quantized import quantized_copy
-
         return ModelDrafter(quantized_copy(target.model, int(spec[3:])), spec, layers_of_target=True)
     if kind == "ngram":
         return NGramDrafter(int(arg or 3))

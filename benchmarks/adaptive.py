@@ -1,8 +1,9 @@
 """Certified (adaptive) draft shapes against fixed chains and trees and transformers' heuristic schedule.
 
 Greedy, batch 1, Spec-Bench prompts per category, all in one run: for every prompt the target alone and every
-(drafter, shape) run back to back. Reports tokens/s relative to the target alone, mean acceptance length and
-target tokens verified per accepted token, and the certified schedules' guarantee audit.
+(drafter, shape) run back to back (``--repeats R``: R such rounds, each config's fastest kept). Reports tokens/s
+relative to the target alone, mean acceptance length and target tokens verified per accepted token, and the
+certified schedules' guarantee audit (over every round).
 
     python benchmarks/adaptive.py --per-category 1 --max-new-tokens 48
 """
@@ -21,8 +22,8 @@ from specert.trace import SpecDecodeMetrics
 
 SPEC_BENCH = Path(__file__).resolve().parents[2] / "shared" / "data" / "spec_bench" / "question.jsonl"
 SHAPES = {
-    "int4": [("k", 4), ("k", 8), ("k", 12), ("tree", "2,1,1,1,1,1,1"), ("k", "heuristic"), ("k", "auto"),
-             ("k", "auto:16"), ("tree", "auto:16")],
+    "int4": [("k", 4), ("k", 8), ("k", 12), ("tree", "2,1,1,1,1,1,1"), ("k", "heuristic"), ("k", "heuristic:8"),
+             ("k", "auto"), ("tree", "auto:16")],
     "ngram:3": [("k", 2), ("k", 4), ("tree", "3,2,1,1"), ("k", "heuristic"), ("k", "auto"), ("tree", "auto:16")],
     "layerskip:20": [("k", 4), ("k", "auto")],
     "head": [("k", 1), ("k", 2), ("k", 4), ("tree", "2,1"), ("tree", "3,2,2,1"), ("k", "heuristic"), ("k", "auto"),
@@ -34,6 +35,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--per-category", type=int, default=1)
     ap.add_argument("--max-new-tokens", type=int, default=48)
+    ap.add_argument("--repeats", type=int, default=1, help="run every (prompt, config) this many times, in rounds, "
+                    "and keep the fastest (timeit's convention against machine noise)")
     ap.add_argument("--drafter", action="append", choices=sorted(SHAPES), help="drafters to run (default: all)")
     args = ap.parse_args()
     shapes_of = {spec: SHAPES[spec] for spec in (args.drafter or SHAPES)}
@@ -52,19 +55,22 @@ def main():
     for cat, prompts in by_cat.items():
         for p in prompts:
             ids = encode_prompt(target, p.text)
-            base = generate(target, ids, max_new_tokens=args.max_new_tokens)
-            seconds[cat, "target"] += base.seconds
-            tokens[cat, "target"] += len(base.tokens)
-            for spec, shapes in shapes_of.items():
-                for kind, value in shapes:
-                    name = f"{spec} {kind}={value}"
-                    gen = generate(target, ids, drafters[spec], max_new_tokens=args.max_new_tokens, **{kind: value})
-                    mismatches += gen.tokens != base.tokens
-                    seconds[cat, name] += gen.seconds
-                    tokens[cat, name] += len(gen.tokens)
-                    metrics[name].observe(gen)
-                    for key, v in gen.audit.items():
+            best = {}  # config -> its fastest generation over the rounds
+            for _ in range(args.repeats):
+                runs = [("target", None, {})] + [(f"{spec} {kind}={value}", spec, {kind: value})
+                                                 for spec, shapes in shapes_of.items() for kind, value in shapes]
+                for name, spec, shape in runs:
+                    gen = generate(target, ids, drafters.get(spec), max_new_tokens=args.max_new_tokens, **shape)
+                    if name not in best or gen.seconds < best[name].seconds:
+                        best[name] = gen
+                    for key, v in gen.audit.items():  # the audit counts every round
                         audit[name][key] += v
+            for name, gen in best.items():
+                mismatches += gen.tokens != best["target"].tokens
+                seconds[cat, name] += gen.seconds
+                tokens[cat, name] += len(gen.tokens)
+                if name != "target":
+                    metrics[name].observe(gen)
         print(f"done {cat}", flush=True)
     names = [f"{s} {k}={v}" for s, shapes in shapes_of.items() for k, v in shapes]
     cats = list(by_cat)

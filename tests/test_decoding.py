@@ -127,13 +127,14 @@ def test_trace_parquet(target, tmp_path):
 
 def test_certified_schedule_guarantee_and_economy(target):
     """The auto schedules: wherever KL <= eps_hat the target's greedy token was covered (D_q soundness, live);
-    a drafter close to the target drafts full chains, an unrelated one drafts less than a fixed chain."""
+    a drafter close to the target and cheap drafts full chains, an unrelated one drafts less than a fixed chain."""
     close = ModelDrafter(target.model, "self")
     far = model_drafter(tiny_model("llama" if "llama" in target.name else "qwen3", seed=9, layers=1), target)
     for drafter in (close, far, ModelDrafter(layer_skip_view(target.model, 2), "layerskip:2")):
         for shape in (dict(k="auto"), dict(tree="auto:12")):
             out = generate(target, PROMPT, drafter, max_new_tokens=40, **shape)
             assert out.audit["held_covered"] == out.audit["held"]
+    close.history.seconds = [0.0, 10**6, 10**6, 10**6]  # as if drafting were free: drafting pays at any length
     full = generate(target, PROMPT, close, max_new_tokens=40, k="auto:6")
     assert min(full.drafted[:-1]) == 6 and out.audit is not None
     auto = generate(target, PROMPT, far, max_new_tokens=40, k="auto:8")
@@ -157,6 +158,73 @@ def test_certified_tree_never_cuts_a_width_to_fit_the_budget():
     assert s.widths(1, both, 2, budget_left=m + 1) == [1, m]
     assert s.widths(1, both, 2, budget_left=m) == [1, 0]  # m no longer fits after the first: no children
     assert s.widths(1, flat, 1, budget_left=m - 1) == [0]
+
+
+def test_certified_chain_runs_past_the_certificate_only_while_it_pays():
+    """The chain's stopping rule (specert.schedules): with uncertified drafts measured mostly rejected it ends at
+    the first uncertified position (the paper's rule); measured mostly accepted with a cheap drafter it runs on; a
+    drafter as costly as the target cannot pay (a surely accepted token for a forward's cost) and drafts nothing."""
+    from specert.certificates import drafter_certificate
+    from specert.schedules import VERIFY_TOKEN_COST, CertifiedSchedule
+
+    sure = torch.tensor([6.0, 0, 0, 0, 0, 0, 0, 0])
+    unsure = torch.tensor([1.0, 0.9, 0, 0, 0, 0, 0, 0])
+    chain = [sure, sure, unsure, sure, unsure]
+
+    def widths(s):
+        out = []
+        for depth, q in enumerate(chain):
+            out.append(s.widths(depth, q[None], 1, 100)[0])
+            if not out[-1]:
+                return out
+        return out
+
+    s = CertifiedSchedule(max_depth=8, cost=0.3)
+    s.eps_hat = float(drafter_certificate(unsure, 1) + drafter_certificate(sure, 1)) / 2
+    s.history.reached, s.history.accepted = [10, 50], [2, 50]
+    assert widths(s) == [1, 1, 0]
+    s.history.reached, s.history.accepted = [50, 50], [49, 50]
+    assert widths(s) == [1, 1, 1, 1, 1]
+    s.fixed_cost = 1.0
+    assert widths(s) == [0]
+    s.fixed_cost = None  # measured: drafting seconds per token over a one-token forward, plus verification
+    s.timed(0.2, 1.4 * (1 + VERIFY_TOKEN_COST * 8), 8)
+    assert s.cost == pytest.approx(0.2 / 8 / 1.4 + VERIFY_TOKEN_COST)
+    with pytest.raises(ValueError, match="cost"):
+        CertifiedSchedule(cost=-1.0)
+
+
+def test_certified_chain_learns_from_where_it_stopped():
+    """After a fully accepted chain, the target's bonus token says whether the token the drafter would have drafted
+    where the chain stopped was right: the stop is measured without drafting it."""
+    from specert.certificates import drafter_certificate
+    from specert.drafters import DraftTree
+    from specert.schedules import CertifiedSchedule
+
+    sure = torch.tensor([6.0, 0, 0, 0, 0, 0, 0, 0])
+    unsure = torch.tensor([0.0, 0, 1.0, 0.9, 0, 0, 0, 0])  # would draft token 2
+    s = CertifiedSchedule(max_depth=8, cost=0.3)
+    s.eps_hat = float(drafter_certificate(unsure, 1) + drafter_certificate(sure, 1)) / 2
+    s.history.reached, s.history.accepted = [4, 10], [0, 10]
+    assert [s.widths(d, q[None], 1, 100)[0] for d, q in enumerate([sure, unsure])] == [1, 0]
+    tree = DraftTree([0], [-1], torch.stack([sure, unsure]), [True, True])
+    target = torch.zeros(2, 8)
+    target[0, 0] = target[1, 2] = 5.0  # accepts the drafted 0, and its greedy token after it is the drafter's 2
+    s.observe(tree, target, [0])
+    assert s.history.reached == [5, 11] and s.history.accepted == [1, 11]
+    assert s.audit()["uncertified_accepted"] == 1
+
+
+def test_drafts_never_exceed_the_room_left(target):
+    """No step drafts more tokens than max_new_tokens can still take (the bonus token comes free)."""
+    for shape in (dict(k=8), dict(k="auto"), dict(k="heuristic:8")):
+        out = generate(target, PROMPT, ModelDrafter(target.model, "self"), max_new_tokens=11, **shape)
+        assert out.tokens == generate(target, PROMPT, max_new_tokens=11).tokens
+        produced = 0
+        for drafted, accepted in zip(out.drafted, out.accepted):
+            assert drafted <= 11 - produced - 1
+            produced += accepted + 1
+        assert out.drafted == ([10] if shape == dict(k="auto") else [8, 1])  # self-drafts are all accepted
 
 
 def test_heuristic_schedule_grows_and_shrinks(target):

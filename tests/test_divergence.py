@@ -45,3 +45,23 @@ def test_stochastic_acceptance_and_pinsker(rng):
     assert np.allclose(acc, np.minimum(p, q).sum(-1))
     assert (acc >= 1 - np.sqrt(specert.kl(x, y) / 2) - 1e-12).all()
     assert float(specert.stochastic_acceptance(x[0], x[0])) == pytest.approx(1.0)
+
+
+def test_kl_near_a_threshold_is_float64_where_the_side_matters():
+    """The schedules' fast KL: float32 away from the threshold (within 1e-5 of float64 here), float64's exact value
+    near it and off the finite numbers."""
+    from specert.divergence import kl, kl_near
+
+    g = torch.Generator().manual_seed(0)
+    target = torch.randn(12, 49152, generator=g) * 3
+    draft = target + torch.randn(12, 49152, generator=g) * 0.05
+    draft[3, 7] = -torch.inf  # the target gives that token mass: KL is infinite
+    exact = kl(target, draft)
+    threshold = float(exact[5])
+    fast = kl_near(target, draft, threshold)
+    assert fast.dtype == torch.float64 and math.isinf(fast[3])
+    finite = torch.isfinite(exact)
+    assert torch.allclose(fast[finite], exact[finite], rtol=0, atol=1e-5)
+    near = (exact - threshold).abs() <= 1e-4
+    assert near.sum() >= 1 and torch.equal(fast[near], exact[near])
+    assert torch.equal(fast <= threshold, exact <= threshold)

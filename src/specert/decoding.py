@@ -30,7 +30,7 @@ from specert.drafters import Drafter, DraftTree, ancestors, is_chain
 from specert.models import LoadedModel, cache_length, forward_features, keep_cache, new_cache
 from specert.rules import Rule
 from specert.rules import rule as as_rule
-from specert.schedules import Schedule, make_schedule
+from specert.schedules import History, Schedule, make_schedule
 from specert.trace import StepTrace, trace_positions
 
 
@@ -82,7 +82,9 @@ VERIFY_MIN_TOKENS = 4
 @torch.inference_mode()
 def _step(target, cache, drafter: Drafter, r: Rule, context: list[int], schedule: Schedule):
     """One speculative step: returns (emitted tokens, tree, target logits [1 + N, V], path)."""
+    t0 = time.perf_counter()
     tree = drafter.propose(context, schedule)  # 1. propose
+    t1 = time.perf_counter()
     past = cache_length(cache)
     n = len(tree.tokens)
     pad = max(0, VERIFY_MIN_TOKENS - 1 - n) if n else 0
@@ -96,6 +98,7 @@ def _step(target, cache, drafter: Drafter, r: Rule, context: list[int], schedule
         positions = [past] + [past + 1 + d for d in tree.depth] + [past + 1] * pad
     tokens = [context[-1]] + tree.tokens + [context[-1]] * pad  # chain padding comes last: causal, seen by no one
     logits, states = forward_features(target.model, cache, tokens, drafter.feature_layers, positions, attend)
+    schedule.timed(t1 - t0, time.perf_counter() - t1, n)
     logits = logits[: 1 + n]  # [1 + N, V]; states [1 + N + pad, nl * H] or None
     if n:  # 3. accept: each node judged at its parent's position
         parent_rows = torch.tensor([p + 1 for p in tree.parents])
@@ -134,7 +137,9 @@ def generate(target: LoadedModel, prompt: list[int], drafter: Drafter | None = N
         quantile: the quantile of observed KLs that the certified (auto) schedules use as eps_hat.
     """
     r = as_rule(rule)
-    schedule = make_schedule(k, tree, quantile) if drafter is not None else None
+    if drafter is not None and drafter.history is None:
+        drafter.history = History()
+    schedule = make_schedule(k, tree, quantile, drafter.history) if drafter is not None else None
     if not prompt:
         raise ValueError("the prompt is empty")
     if max_new_tokens < 1:
@@ -162,12 +167,14 @@ def generate(target: LoadedModel, prompt: list[int], drafter: Drafter | None = N
             drafter.target_ran(0, states)
         context = list(prompt)
         while len(out.tokens) < max_new_tokens:
-            if drafter is None or not schedule.should_draft():
+            room = max_new_tokens - len(out.tokens) - 1  # the bonus token comes free
+            if drafter is None or room < 1 or not schedule.should_draft():
                 logits, states = forward_features(target.model, cache, [context[-1]], layers)
                 if states is not None:
                     drafter.target_ran(len(context) - 1, states)
                 emitted, tree_, path = [int(logits[-1].argmax())], None, []
             else:
+                schedule.room = room
                 emitted, tree_, logits, path = _step(target, cache, drafter, r, context, schedule)
                 drafter.observe(len(path))
             emitted = emitted[: max_new_tokens - len(out.tokens)]

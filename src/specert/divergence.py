@@ -48,6 +48,20 @@ def kl(target_logits, draft_logits):
     return target.output(map_blocks(_kl_block, target.values, draft.values))
 
 
+def kl_near(target_logits: torch.Tensor, draft_logits: torch.Tensor, threshold: float) -> torch.Tensor:
+    """:func:`kl` of torch logits ``[N, V]`` for comparison with ``threshold``, fast: in float32 (10-25x faster at
+    V = 49k on a CPU), with the rows that land within 1e-4 + 1e-3 * threshold of ``threshold`` (float32's error is
+    about 1e-6 nats) or off the finite numbers recomputed by :func:`kl` in float64, so that which side of
+    ``threshold`` a row falls on is float64's. Returns float64 ``[N]``.
+    """
+    logp, logq = torch.log_softmax(target_logits.float(), -1), torch.log_softmax(draft_logits.float(), -1)
+    fast = torch.nn.functional.kl_div(logq, logp, log_target=True, reduction="none").sum(-1).double()
+    redo = ~torch.isfinite(fast) | ((fast - threshold).abs() <= 1e-4 + 1e-3 * abs(threshold))
+    if redo.any():
+        fast[redo] = kl(target_logits[redo], draft_logits[redo])
+    return fast
+
+
 def stochastic_acceptance(target_logits, draft_logits):
     r"""Acceptance probability of speculative sampling (THEORY.md section 5).
 

@@ -29,7 +29,7 @@ import torch
 
 from specert.models import LoadedModel, cache_length, can_step, decode_step, forward, keep_cache, load_model, new_cache
 from specert.quantized import PREFILL_ROWS, quantized_copy
-from specert.schedules import Schedule
+from specert.schedules import History, Schedule
 
 
 @dataclass
@@ -76,6 +76,7 @@ class Drafter:
 
     spec: str = "?"
     feature_layers: tuple[int, ...] = ()
+    history: History | None = None  # what the certified schedules measured about it so far (set by the decoder)
 
     def target_prefilled(self, tokens: list[int], cache) -> None:
         """The target's KV ``cache`` now holds the prompt ``tokens`` (default: nothing to do)."""
@@ -150,7 +151,7 @@ class ModelDrafter(Drafter):
         tokens, parents = [], []
         frontier = [-1]  # positions to expand at the current depth
         base = len(context)
-        for depth in range(schedule.max_depth):
+        for depth in range(schedule.depths):
             q = torch.stack([rows[p + 1] for p in frontier])  # [F, V]
             widths = schedule.widths(depth, q, len(frontier), schedule.budget - len(tokens))
             level_start = len(tokens)
@@ -159,7 +160,7 @@ class ModelDrafter(Drafter):
                     tokens += torch.topk(rows[pos + 1], width).indices.tolist()
                     parents += [pos] * width
             frontier = list(range(level_start, len(tokens)))
-            if not frontier or depth == schedule.max_depth - 1:
+            if not frontier or depth == schedule.depths - 1:
                 break
             rows += self._score_level(tokens, parents, frontier, base, depth + 1)
         n = len(tokens)
@@ -245,7 +246,7 @@ class HeadDrafter(Drafter):
         outputs = {-1: root_g}
         tokens, parents = [], []
         frontier = [-1]
-        for depth in range(schedule.max_depth):
+        for depth in range(schedule.depths):
             q = head.full_logits(torch.stack([small[p] for p in frontier]))  # [Fr, V]
             widths = schedule.widths(depth, q, len(frontier), schedule.budget - len(tokens))
             level_start = len(tokens)
@@ -254,7 +255,7 @@ class HeadDrafter(Drafter):
                     tokens += head.vocab[torch.topk(small[pos][:-1], width).indices].tolist()
                     parents += [pos] * width
             frontier = list(range(level_start, len(tokens)))
-            if not frontier or depth == schedule.max_depth - 1:
+            if not frontier or depth == schedule.depths - 1:
                 break
             past = n + level_start  # every earlier node is in the cache, node i at entry n + i
             anc = ancestors(parents)
@@ -339,7 +340,7 @@ class NGramDrafter(Drafter):
     def propose(self, context: list[int], schedule: Schedule) -> DraftTree:
         tokens, parents, paths, sources = [], [], {-1: list(context)}, {-1: None}
         frontier = [-1]
-        for depth in range(schedule.max_depth):
+        for depth in range(schedule.depths):
             widths = schedule.widths(depth, None, len(frontier), schedule.budget - len(tokens))
             nxt = []
             for pos, width in zip(frontier, widths):

@@ -8,7 +8,7 @@ spec (``k`` / ``tree``)  schedule
 =====================  ====================================================================================
 ``k=4``                a chain of 4 tokens
 ``tree=4,2,1``         a tree, width 4 at depth 0, 2 at depth 1, 1 at depth 2
-``k=auto[:K]``         certified chain: keep drafting while D_q(1) > eps_hat, at most K (8) tokens
+``k=auto[:K]``         certified chain: draft while the expected accepted tokens pay for drafting, at most K (16)
 ``tree=auto[:B]``      certified tree: each position gets the smallest m <= 8 with D_q(m) > eps_hat, at most B
                        (16) nodes, depth <= 8; a position whose m no longer fits the budget gets no children
 ``k=heuristic[:K]``    transformers' heuristic: start at K (5); +2 after a fully accepted step, -1 otherwise
@@ -16,12 +16,33 @@ spec (``k`` / ``tree``)  schedule
 
 The certified schedules use the drafter-side certificate D_q(m) (THEORY.md section 7): if the target is within
 KL eps of the drafter and D_q(m) > eps, the drafter's top-m holds the target's greedy token. eps_hat is an online
-estimate of the drafter's KL(p || q): the ``quantile`` (0.9) of the KLs measured at the verified positions of the
-same generation so far (0 before the first, so the first step drafts in full). Positions where D_q(1) already
-falls below eps_hat end the chain, and after a step that drafted nothing the drafter is not run for 1, 2, 4, ...
-32 steps (plain decoding) before it is probed again: a drafter far from the target drafts little and costs little.
+estimate of the drafter's KL(p || q): the ``quantile`` (0.9) of the KLs measured at the latest 512 verified
+positions (0 before the first, so a drafter's first step drafts in full). What a schedule measures about a drafter
+(these KLs, acceptance by class, timings: :class:`History`) stays with the drafter for its next generation.
 
-The guarantee audit counts, at verified positions: ``held`` (KL <= the eps_hat the width was chosen with),
+A tree position gets the smallest certified width. After a step that drafted nothing the drafter is not run for 1,
+2, 4, ... 32 steps (plain decoding) before it is probed again: a drafter far from the target drafts little and
+costs little.
+
+The certified chain stops where drafting stops paying. A position is *certified* when D_q(1) > eps_hat; the
+schedule measures how often drafted tokens were accepted at certified positions
+(alpha_c, near 1 when eps_hat is right) and at uncertified ones (alpha_u), each as (accepted + 1) / (reached + 2).
+Where the chain stops, the drafter has already computed its next token and the target's forward computes its own
+greedy token there for free (the bonus token): so every stop after a fully accepted chain is also a measured
+position, and alpha_u is learnt without drafting uncertified tokens to find out (alpha counts strict greedy
+agreement there, an underestimate under a relaxed rule). Drafting position j survives verification with probability
+S_j = alpha_1 ... alpha_j, so a chain of k expects E_k = 1 + S_1 + ... + S_k tokens for a cost of 1 + k c target
+forwards, c being a drafted token's marginal cost relative to a target forward of one token (measured from the
+step timings unless given: drafting seconds per drafted token, plus ``VERIFY_TOKEN_COST`` for verifying it).
+Position k + 1 is drafted while its marginal gain beats the step's average,
+
+    S_{k+1} / c > E_k / (1 + k c),
+
+the greedy (stopping-rule) maximiser of E / cost. For a drafter far from the target alpha_u is small and the chain
+ends at the first uncertified position (the paper's rule); for a close, cheap one it runs on past it.
+
+The guarantee audit counts, at verified certified positions (every tree position; a chain's up to where it ran
+past the certified ones): ``held`` (KL <= the eps_hat the width was chosen with),
 ``held_covered`` (of those, the target's greedy token was among the candidates: must equal ``held``) and
 ``exceeded`` (KL > eps_hat: the estimate was wrong there).
 """
@@ -29,17 +50,25 @@ The guarantee audit counts, at verified positions: ``held`` (KL <= the eps_hat t
 from __future__ import annotations
 
 import math
+from collections import deque
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from specert.certificates import drafter_certificate
-from specert.divergence import kl
+from specert.divergence import kl_near
 
 
 class Schedule:
     max_depth: int = 1
     budget: int = 10**9  # most nodes per tree
+    room: int = 10**9  # drafted tokens the generation can still use (set by the decoder: max_new_tokens left - 1)
+
+    @property
+    def depths(self) -> int:
+        """How deep to draft at this step: ``max_depth``, but no deeper than the generation has room for."""
+        return min(self.max_depth, self.room)
 
     @property
     def max_nodes(self) -> int:
@@ -58,8 +87,16 @@ class Schedule:
         """Whether to call the drafter at this step at all (default: always)."""
         return True
 
+    def timed(self, draft_seconds: float, verify_seconds: float, drafted: int) -> None:
+        """Learn a step's timings: drafting (``drafted`` tokens) and the target's verification (default: nothing)."""
+
     def audit(self) -> dict:
         return {}
+
+
+# NOTE: a target forward of 1 + n tokens costs about (1 + 0.05 n) forwards of one on 2 CPU cores (embedded model,
+# n = 8: 1.4x, n = 16: 1.8x); on a GPU the marginal cost is near 0. benchmarks/speed.py prints the table.
+VERIFY_TOKEN_COST = 0.05
 
 
 class FixedSchedule(Schedule):
@@ -92,22 +129,72 @@ class HeuristicSchedule(Schedule):
             self.max_depth = max(1, self.max_depth - 1)
 
 
+@dataclass
+class History:
+    """What the certified schedules measured about one drafter, carried from one generation to the next (kept by the
+    drafter: a server learns its drafter once, not per request)."""
+
+    kls: deque = field(default_factory=lambda: deque(maxlen=512))  # KL(p || q) at the latest verified positions
+    reached: list = field(default_factory=lambda: [0, 0])  # chain positions reached, [uncertified, certified]
+    accepted: list = field(default_factory=lambda: [0, 0])  # ... and accepted
+    seconds: list = field(default_factory=lambda: [0.0, 0, 0.0, 0])  # drafting s, drafted, one-forward s, steps
+
+
 class CertifiedSchedule(Schedule):
     """Widths from the drafter-side certificate against an online estimate of the drafter's KL (module docstring)."""
 
-    def __init__(self, max_depth: int = 8, max_width: int = 1, budget: int | None = None, quantile: float = 0.9):
+    def __init__(self, max_depth: int = 16, max_width: int = 1, budget: int | None = None, quantile: float = 0.9,
+                 cost: float | None = None, history: History | None = None):
         if not 0 < quantile <= 1:
             raise ValueError(f"the KL quantile must be in (0, 1], got {quantile}")
-        self.max_depth, self.max_width, self.quantile = max_depth, max_width, quantile
+        if cost is not None and not cost >= 0:
+            raise ValueError(f"the drafted token's cost relative to a target forward must be >= 0, got {cost}")
+        self.max_depth, self.max_width, self.quantile, self.fixed_cost = max_depth, max_width, quantile, cost
         self.budget = budget if budget is not None else int(sum(max_width**d for d in range(1, max_depth + 1)))
-        self.kls: list[float] = []
-        self.eps_hat = 0.0
-        self.held = self.held_covered = self.exceeded = 0
+        self.history = history if history is not None else History()
+        h = self.history
+        self.eps_hat = float(np.quantile(h.kls, quantile)) if h.kls else 0.0
+        self.counts = dict(held=0, held_covered=0, exceeded=0, certified_reached=0, certified_accepted=0,
+                           uncertified_reached=0, uncertified_accepted=0)  # this generation's (the audit)
+        self._drafted: list[bool] = []  # this step's chain: certified or not, per position
+        self._stop: tuple[bool, int] | None = None  # where it stopped: (certified, the drafter's token there)
         self._backoff = self._skip = 0  # steps to decode without the drafter after it certified nothing
+
+    @property
+    def cost(self) -> float:
+        """A drafted token's marginal cost relative to a one-token target forward (given, or measured; 0 before
+        any measurement)."""
+        if self.fixed_cost is not None:
+            return self.fixed_cost
+        draft_s, drafted, one_forward_s, steps = self.history.seconds
+        return (draft_s / drafted) / (one_forward_s / steps) + VERIFY_TOKEN_COST if drafted and steps else 0.0
+
+    def timed(self, draft_seconds, verify_seconds, drafted):
+        s = self.history.seconds
+        s[0], s[1] = s[0] + draft_seconds, s[1] + drafted
+        s[2], s[3] = s[2] + verify_seconds / (1 + VERIFY_TOKEN_COST * drafted), s[3] + 1
+
+    def alpha(self, certified: bool) -> float:
+        """The measured acceptance rate of chain positions of a class, (accepted + 1) / (reached + 2)."""
+        return (self.history.accepted[certified] + 1) / (self.history.reached[certified] + 2)
+
+    def _chain_width(self, depth: int, q: torch.Tensor) -> int:
+        if depth == 0:
+            self._drafted, self._stop, self._survive, self._expected = [], None, 1.0, 1.0
+        certified = self.eps_hat > 0 and float(drafter_certificate(q, 1)) > self.eps_hat
+        survive, c = self._survive * self.alpha(certified), self.cost
+        if self.eps_hat > 0 and survive <= c * self._expected / (1 + depth * c):
+            self._stop = (certified, int(q.argmax()))  # what it would have drafted: verification still tells
+            return 0
+        self._survive, self._expected = survive, self._expected + survive
+        self._drafted.append(certified)
+        return 1
 
     def widths(self, depth, logits, frontier, budget_left):
         if logits is None:  # no distribution to certify: draft a plain chain
             return [1] * frontier if budget_left >= frontier else [0] * frontier
+        if self.max_width == 1 and frontier == 1:
+            return [self._chain_width(depth, logits[0]) if budget_left else 0]
         out = []
         for i in range(frontier):
             m = 0
@@ -130,28 +217,47 @@ class CertifiedSchedule(Schedule):
         # A drafter that certified nothing is not even run for a while: 1, 2, 4, ... 32 steps, until it drafts again.
         self._backoff = 0 if tree.tokens else min(max(1, 2 * self._backoff), 32)
         self._skip = self._backoff
+        h, counts = self.history, self.counts
+        drafted, self._drafted = self._drafted, []  # a chain's positions: certified or not
+        stop, self._stop = self._stop, None
+        if self.max_width == 1 and self.eps_hat > 0:  # the chain's acceptance by class (before eps_hat moves)
+            seen = [(certified, j < len(path)) for j, certified in enumerate(drafted[: len(tree.tokens)])
+                    if j <= len(path)]
+            if stop is not None and len(path) == len(drafted):  # the target's bonus token judges the stop
+                certified, token = stop
+                seen.append((certified, int(target_logits[len(path)].argmax()) == token))
+            for certified, accepted in seen:
+                name = "certified" if certified else "uncertified"
+                h.reached[certified] += 1
+                h.accepted[certified] += accepted
+                counts[f"{name}_reached"] += 1
+                counts[f"{name}_accepted"] += accepted
         positions = [p for p in [-1] + path if tree.children(p) and tree.expanded[p + 1]]
         if not positions or tree.logits is None:
             return
         rows = torch.tensor([p + 1 for p in positions])
-        divergence = kl(target_logits[rows], tree.logits[rows]).tolist()
+        divergence = kl_near(target_logits[rows], tree.logits[rows], self.eps_hat).tolist()
         greedy = target_logits[rows].argmax(-1).tolist()
-        for pos, d, x0 in zip(positions, divergence, greedy):
+        for j, (pos, d, x0) in enumerate(zip(positions, divergence, greedy)):
+            if self.max_width == 1 and not (j < len(drafted) and drafted[j]):
+                continue  # a chain position drafted past the certified ones: no guarantee to audit
             if d <= self.eps_hat:
-                self.held += 1
-                self.held_covered += int(x0 in [tree.tokens[c] for c in tree.children(pos)])
+                counts["held"] += 1
+                counts["held_covered"] += int(x0 in [tree.tokens[c] for c in tree.children(pos)])
             else:
-                self.exceeded += 1
-        self.kls += [d for d in divergence if math.isfinite(d)]
-        if self.kls:
-            self.eps_hat = float(np.quantile(self.kls, self.quantile))
+                counts["exceeded"] += 1
+        h.kls.extend(d for d in divergence if math.isfinite(d))
+        if h.kls:
+            self.eps_hat = float(np.quantile(h.kls, self.quantile))
 
     def audit(self):
-        return {"held": self.held, "held_covered": self.held_covered, "exceeded": self.exceeded}
+        return dict(self.counts)
 
 
-def make_schedule(k: int | str | None = None, tree: str | list[int] | None = None, quantile: float = 0.9) -> Schedule:
-    """A schedule from the ``k`` / ``tree`` options (see the module docstring); default: a chain of 4."""
+def make_schedule(k: int | str | None = None, tree: str | list[int] | None = None, quantile: float = 0.9,
+                  history: History | None = None) -> Schedule:
+    """A schedule from the ``k`` / ``tree`` options (see the module docstring); default: a chain of 4. A certified
+    schedule starts from ``history`` (what earlier generations measured about the drafter) when given."""
     if tree is not None and k is not None:
         raise ValueError("give either k (a chain) or a tree width schedule, not both")
     text = str(tree if tree is not None else (k if k is not None else 4)).strip()
@@ -168,8 +274,8 @@ def make_schedule(k: int | str | None = None, tree: str | list[int] | None = Non
                 raise ValueError("the heuristic schedule drafts chains: use k=heuristic")
             return HeuristicSchedule(n or 5)
         if tree is not None:
-            return CertifiedSchedule(max_depth=8, max_width=8, budget=n or 16, quantile=quantile)
-        return CertifiedSchedule(max_depth=n or 8, max_width=1, quantile=quantile)
+            return CertifiedSchedule(max_depth=8, max_width=8, budget=n or 16, quantile=quantile, history=history)
+        return CertifiedSchedule(max_depth=n or 16, max_width=1, quantile=quantile, history=history)
     if tree is None:
         try:
             k = int(text)

@@ -25,26 +25,26 @@ A tree position gets the smallest certified width. After a step that drafted not
 costs little.
 
 The certified chain stops where drafting stops paying. A position is *certified* when D_q(1) > eps_hat; the
-schedule measures how often drafted tokens were accepted at certified positions
-(alpha_c, near 1 when eps_hat is right) and at uncertified ones (alpha_u), each as (accepted + 1) / (reached + 2).
-Where the chain stops, the drafter has already computed its next token and the target's forward computes its own
-greedy token there for free (the bonus token): so every stop after a fully accepted chain is also a measured
-position, and alpha_u is learnt without drafting uncertified tokens to find out (alpha counts strict greedy
-agreement there, an underestimate under a relaxed rule). Drafting position j survives verification with probability
-S_j = alpha_1 ... alpha_j, so a chain of k expects E_k = 1 + S_1 + ... + S_k tokens for a cost of 1 + k c target
-forwards, c being a drafted token's marginal cost relative to a target forward of one token (measured from the
-step timings unless given: drafting seconds per drafted token, plus ``VERIFY_TOKEN_COST`` for verifying it).
-Position k + 1 is drafted while its marginal gain beats the step's average,
+schedule measures how often drafted tokens were accepted at certified positions (alpha_c, near 1 when eps_hat is
+right) and at uncertified ones (alpha_u), each as (accepted + 1) / (reached + 2). Where a chain stops, the drafter
+has already computed its next token and the target's forward computes its own greedy token there for free (the
+bonus token): every stop after a fully accepted chain is a measured position too, so alpha_u is learnt without
+drafting uncertified tokens to find out (there it counts strict greedy agreement: an underestimate under a relaxed
+rule). Drafting position j survives verification with probability S_j = alpha_1 ... alpha_j, so a chain of k
+expects E_k = 1 + S_1 + ... + S_k tokens for a cost of 1 + k c target forwards, c being a drafted token's marginal
+cost relative to a target forward of one token (measured from the step timings unless given: drafting seconds per
+drafted token, plus ``VERIFY_TOKEN_COST`` for verifying it). Position k + 1 is drafted while its marginal gain
+beats the step's average,
 
     S_{k+1} / c > E_k / (1 + k c),
 
 the greedy (stopping-rule) maximiser of E / cost. For a drafter far from the target alpha_u is small and the chain
-ends at the first uncertified position (the paper's rule); for a close, cheap one it runs on past it.
+ends at the first uncertified position (the paper's rule); for a close, cheap one it may run on past it.
 
-The guarantee audit counts, at verified certified positions (every tree position; a chain's up to where it ran
-past the certified ones): ``held`` (KL <= the eps_hat the width was chosen with),
-``held_covered`` (of those, the target's greedy token was among the candidates: must equal ``held``) and
-``exceeded`` (KL > eps_hat: the estimate was wrong there).
+The guarantee audit counts, at verified certified positions (every position of a certified tree, the certified
+ones of a chain): ``held`` (KL <= the eps_hat the width was chosen with), ``held_covered`` (of those, the target's
+greedy token was among the candidates: must equal ``held``) and ``exceeded`` (KL > eps_hat: the estimate was
+wrong there); and a chain's positions reached and accepted by class.
 """
 
 from __future__ import annotations

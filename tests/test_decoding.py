@@ -165,7 +165,7 @@ def test_certified_chain_runs_past_the_certificate_only_while_it_pays():
     the first uncertified position (the paper's rule); measured mostly accepted with a cheap drafter it runs on; a
     drafter as costly as the target cannot pay (a surely accepted token for a forward's cost) and drafts nothing."""
     from specert.certificates import drafter_certificate
-    from specert.schedules import VERIFY_TOKEN_COST, CertifiedSchedule
+    from specert.schedules import VERIFY_COST, VERIFY_TOKEN_COST, CertifiedSchedule
 
     sure = torch.tensor([6.0, 0, 0, 0, 0, 0, 0, 0])
     unsure = torch.tensor([1.0, 0.9, 0, 0, 0, 0, 0, 0])
@@ -187,9 +187,11 @@ def test_certified_chain_runs_past_the_certificate_only_while_it_pays():
     assert widths(s) == [1, 1, 1, 1, 1]
     s.fixed_cost = 1.0
     assert widths(s) == [0]
+    s.fixed_cost, s.history.reached, s.history.accepted = 0.1, [600, 0], [188, 0]  # the shipped head, measured
+    assert s.widths(0, unsure[None], 1, 100) == [0]  # a draft right 31% of the time cannot pay for verifying it
     s.fixed_cost = None  # measured: drafting seconds per token over a one-token forward, plus verification
-    s.timed(0.2, 1.4 * (1 + VERIFY_TOKEN_COST * 8), 8)
-    assert s.cost == pytest.approx(0.2 / 8 / 1.4 + VERIFY_TOKEN_COST)
+    s.timed(0.2, 0.5 * (VERIFY_COST + VERIFY_TOKEN_COST * 8), 8)  # a one-token forward: 0.5 s
+    assert s.cost == pytest.approx(0.2 / 8 / 0.5 + VERIFY_TOKEN_COST)
     with pytest.raises(ValueError, match="cost"):
         CertifiedSchedule(cost=-1.0)
 

@@ -31,14 +31,14 @@ has already computed its next token and the target's forward computes its own gr
 bonus token): every stop after a fully accepted chain is a measured position too, so alpha_u is learnt without
 drafting uncertified tokens to find out (there it counts strict greedy agreement: an underestimate under a relaxed
 rule). Drafting position j survives verification with probability S_j = alpha_1 ... alpha_j, so a chain of k
-expects E_k = 1 + S_1 + ... + S_k tokens for a cost of 1 + k c target forwards, c being a drafted token's marginal
-cost relative to a target forward of one token (measured from the step timings unless given: drafting seconds per
-drafted token, plus ``VERIFY_TOKEN_COST`` for verifying it). Position k + 1 is drafted while its marginal gain
-beats the step's average,
+expects E_k = 1 + S_1 + ... + S_k tokens for a cost of C_k = V + k c target forwards (C_0 = 1), c being a drafted
+token's marginal cost relative to a target forward of one token (measured from the step timings unless given:
+drafting seconds per drafted token, plus ``VERIFY_TOKEN_COST`` for verifying it) and V = ``VERIFY_COST`` what
+verifying any draft at all costs. Position k + 1 is drafted while its marginal gain beats the step's average,
 
-    S_{k+1} / c > E_k / (1 + k c),
+    S_{k+1} / (C_{k+1} - C_k) > E_k / C_k,
 
-the greedy (stopping-rule) maximiser of E / cost. For a drafter far from the target alpha_u is small and the chain
+the greedy (stopping-rule) maximiser of E / C. For a drafter far from the target alpha_u is small and the chain
 ends at the first uncertified position (the paper's rule); for a close, cheap one it may run on past it.
 
 The guarantee audit counts, at verified certified positions (every position of a certified tree, the certified
@@ -94,9 +94,16 @@ class Schedule:
         return {}
 
 
-# NOTE: a target forward of 1 + n tokens costs about (1 + 0.05 n) forwards of one on 2 CPU cores (embedded model,
-# n = 8: 1.4x, n = 16: 1.8x); on a GPU the marginal cost is near 0. benchmarks/speed.py prints the table.
-VERIFY_TOKEN_COST = 0.05
+# NOTE: on 2 CPU cores a target forward that verifies n >= 1 drafted tokens costs about VERIFY_COST + n *
+# VERIFY_TOKEN_COST forwards of one token (embedded model; n < 4 is padded to a forward of 4: 4 tokens 1.38-1.46x,
+# 8: 1.32-1.48x, 12: 1.47-1.50x, 16: 1.54-1.56x); benchmarks/speed.py prints the table. On a GPU both are near 0.
+VERIFY_COST = 1.4
+VERIFY_TOKEN_COST = 0.01
+
+
+def verify_cost(drafted: int) -> float:
+    """A verifying forward's cost in forwards of one token (1 when nothing was drafted)."""
+    return VERIFY_COST + VERIFY_TOKEN_COST * drafted if drafted else 1.0
 
 
 class FixedSchedule(Schedule):
@@ -172,7 +179,7 @@ class CertifiedSchedule(Schedule):
     def timed(self, draft_seconds, verify_seconds, drafted):
         s = self.history.seconds
         s[0], s[1] = s[0] + draft_seconds, s[1] + drafted
-        s[2], s[3] = s[2] + verify_seconds / (1 + VERIFY_TOKEN_COST * drafted), s[3] + 1
+        s[2], s[3] = s[2] + verify_seconds / verify_cost(drafted), s[3] + 1
 
     def alpha(self, certified: bool) -> float:
         """The measured acceptance rate of chain positions of a class, (accepted + 1) / (reached + 2)."""
@@ -183,7 +190,9 @@ class CertifiedSchedule(Schedule):
             self._drafted, self._stop, self._survive, self._expected = [], None, 1.0, 1.0
         certified = self.eps_hat > 0 and float(drafter_certificate(q, 1)) > self.eps_hat
         survive, c = self._survive * self.alpha(certified), self.cost
-        if self.eps_hat > 0 and survive <= c * self._expected / (1 + depth * c):
+        spent = VERIFY_COST + depth * c if depth else 1.0  # C_k: the step's cost so far, in target forwards
+        extra = c + (VERIFY_COST - 1 if depth == 0 else 0.0)  # C_{k+1} - C_k: the first draft makes verifying dear
+        if self.eps_hat > 0 and survive / extra <= self._expected / spent:
             self._stop = (certified, int(q.argmax()))  # what it would have drafted: verification still tells
             return 0
         self._survive, self._expected = survive, self._expected + survive

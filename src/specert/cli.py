@@ -96,7 +96,8 @@ def bench(batch, vocab, repeat):
 @click.option("--prompt", required=True, help="The user turn (goes through the chat template).")
 @click.option("--target", default="smollm2-135m", show_default=True, help="Model spec of the target.")
 @click.option("--drafter", default="int4", show_default=True,
-              help="int4 or int8 (the target with quantized weights), model:SPEC, layerskip:L, ngram:N or head[:PATH].")
+              help="int4 or int8 (the target with quantized weights), model:SPEC, layerskip:L, ngram:N, "
+                   "head[:PATH] or pruned[:PATH].")
 @click.option("--rule", "rule_spec", default="greedy", show_default=True, help="Acceptance rule spec.")
 @click.option("--k", default=None, help="Chain length, auto[:K] (certified) or heuristic[:K]; default heuristic:8 for "
               "int4/int8 drafters, 4 for others (the fastest measured on the embedded model).")
@@ -164,7 +165,8 @@ def generate(prompt, target, drafter, rule_spec, k, tree, quantile, max_new_toke
 @click.option("--steps", default=64, show_default=True, help="Greedy steps (new tokens) per prompt.")
 @click.option("--rule", "rules", multiple=True, help="Rule spec (repeatable); default: the standard set.")
 @click.option("--drafter", "drafters", multiple=True,
-              help="Drafter spec (repeatable): model:SPEC, layerskip:L, ngram:N, int4, int8, head[:PATH].")
+              help="Drafter spec (repeatable): model:SPEC, layerskip:L, ngram:N, int4, int8, head[:PATH], "
+                   "pruned[:PATH].")
 @click.option("--decode-rule", "decode_rules", multiple=True,
               help="Rules to decode for real with each drafter (repeatable); default: greedy and Medusa's typical.")
 @click.option("--decode-prompts", default=8, show_default=True, help="Prompts decoded for real (batch 1) per run.")
@@ -228,6 +230,11 @@ def select_(target, prompts, num_prompts, steps, drafters, rules, shapes, min_ag
 @click.option("--texts", default=1000, show_default=True, help="Training texts sampled from --data.")
 @click.option("--held-out", default=48, show_default=True, help="Further texts kept aside for the report.")
 @click.option("--max-tokens", default=384, show_default=True, help="Tokens per text (the rest is cut).")
+@click.option("--architecture", type=click.Choice(["head", "pruned"]), default="head", show_default=True,
+              help="A draft head over the target's hidden states, or the target with --drop layers removed and "
+                   "healed with rank --rank updates, served in int4 (see the README for which pays).")
+@click.option("--drop", default=4, show_default=True, help="pruned: decoder layers removed (lowest block influence).")
+@click.option("--rank", default=16, show_default=True, help="pruned: rank of the trained updates.")
 @click.option("--draft-vocab", default=8192, show_default=True, help="Size of the head's draft vocabulary.")
 @click.option("--layers", default="", help="Target hidden states fused, e.g. 3,15,30 (default: ~L/10, L/2, L).")
 @click.option("--objective", type=click.Choice(["certified", "reachable", "kl"]), default="certified",
@@ -236,18 +243,19 @@ def select_(target, prompts, num_prompts, steps, drafters, rules, shapes, min_ag
 @click.option("--rule", default="greedy", show_default=True, help="The rule whose C_p the objective uses.")
 @click.option("--hinge", default=1.0, show_default=True, help="Weight lambda of the certificate term.")
 @click.option("--depths", default=3, show_default=True, help="Training-time test depth (draft positions learned).")
-@click.option("--steps", default=1000, show_default=True, help="Optimiser steps.")
+@click.option("--steps", type=int, default=None, help="Optimiser steps [default: 1000 for a head, 150 pruned].")
 @click.option("--batch-size", default=4, show_default=True, help="Texts per step.")
 @click.option("--lr", default=1e-3, show_default=True)
 @click.option("--seed", default=0, show_default=True)
 @click.option("--work", default="specert-distill", show_default=True, type=click.Path(file_okay=False),
               help="Folder of the cache and checkpoints; an interrupted run resumes from it.")
-@click.option("--out", default="draft-head.safetensors", show_default=True, type=click.Path(dir_okay=False),
-              help="The trained head (use it as --drafter head:OUT).")
+@click.option("--out", default=None, type=click.Path(dir_okay=False),
+              help="The trained drafter (use it as --drafter head:OUT or pruned:OUT) [default: "
+                   "draft-head.safetensors or draft-pruned.safetensors].")
 @_fail_cleanly
-def distill_(target, data, answers, texts, held_out, max_tokens, draft_vocab, layers, objective, rule, hinge, depths,
-             steps, batch_size, lr, seed, work, out):
-    """Train a draft head for TARGET from its own outputs on text; writes the head and a held-out report."""
+def distill_(target, data, answers, texts, held_out, max_tokens, architecture, drop, rank, draft_vocab, layers,
+             objective, rule, hinge, depths, steps, batch_size, lr, seed, work, out):
+    """Train a drafter for TARGET from its own outputs on text; writes the drafter and a held-out report."""
     from specert.distill import DistillConfig, run_distill
 
     try:
@@ -255,9 +263,11 @@ def distill_(target, data, answers, texts, held_out, max_tokens, draft_vocab, la
     except ValueError:
         raise SpecertError(f"--layers takes comma-separated layer indices such as 3,15,30, got {layers!r}") from None
     cfg = DistillConfig(target=target, data=data, answers=answers, texts=texts, held_out=held_out,
-                        max_tokens=max_tokens, draft_vocab=draft_vocab, feature_layers=feature_layers, rule=rule,
+                        max_tokens=max_tokens, architecture=architecture, drop=drop, rank=rank,
+                        draft_vocab=draft_vocab, feature_layers=feature_layers, rule=rule,
                         objective=objective, hinge=hinge, depths=depths, steps=steps, batch_size=batch_size,
                         lr=lr, seed=seed)
+    out = out or f"draft-{architecture}.safetensors"
     try:
         report = run_distill(cfg, work, out)
     except KeyboardInterrupt:
@@ -265,12 +275,15 @@ def distill_(target, data, answers, texts, held_out, max_tokens, draft_vocab, la
                    "again to resume", err=True)
         sys.exit(130)
     held = report["held_out"]
-    click.echo(f"head: {out} ({report['train_tokens']} training tokens, draft vocabulary covers "
-               f"{report['draft_vocab_coverage']:.1%} of the target's greedy tokens)")
-    for d in range(1, depths + 1):
+    if architecture == "pruned":
+        click.echo(f"pruned drafter: {out} ({report['train_tokens']} training tokens; keeps layers {report['keep']})")
+    else:
+        click.echo(f"head: {out} ({report['train_tokens']} training tokens, draft vocabulary covers "
+                   f"{report['draft_vocab_coverage']:.1%} of the target's greedy tokens)")
+    for d in range(1, (depths if architecture == "head" else 1) + 1):
         click.echo(f"held-out depth {d}: agreement {held[f'agree/{d}']:.1%}, mean KL {held[f'kl/{d}']:.3f}, "
                    f"certified ({cfg.rule}) {held[f'certified/{d}']:.1%}")
-    click.echo(f"held-out median KL (depth 1): {held['median_kl/1']:.3f}; use it with --drafter head:{out}")
+    click.echo(f"held-out median KL (depth 1): {held['median_kl/1']:.3f}; use it with --drafter {architecture}:{out}")
 
 
 if __name__ == "__main__":

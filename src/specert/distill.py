@@ -1,4 +1,8 @@
-"""`specert distill`: train a draft head (:mod:`specert.head`) for a target, with a certificate-aware objective.
+"""`specert distill`: train a drafter for a target, with a certificate-aware objective.
+
+Two architectures: a draft head over the target's hidden states (:mod:`specert.head`, ``architecture="head"``) or
+the target itself with its least useful layers removed and healed (:mod:`specert.pruned`, ``"pruned"``). Both
+learn from the same cache.
 
 Three phases in a work folder, each resumable after an interruption (parts and checkpoints are written whole,
 atomically, or not at all):
@@ -12,8 +16,10 @@ atomically, or not at all):
    the fused layers (float16), and from the full distribution p (computed from those float16 states, so training sees
    exactly the same p): log-normaliser, log-mass outside the draft vocabulary, the outside part of sum p log p, the
    certificate of the served rule and the greedy token.
-3. ``<objective>/checkpoint.pt`` every few steps, then the head file: training with EAGLE-3's *training-time test*
-   (the head also learns from its own outputs, ``depths`` positions deep).
+3. ``<objective>/checkpoint.pt`` (``pruned-<objective>/`` for the pruned architecture) every few steps, then the
+   drafter's file. A head trains with EAGLE-3's *training-time test* (it also learns from its own outputs,
+   ``depths`` positions deep); the pruned model drafts from its own KV cache like the target and trains on the texts
+   teacher-forced, over the full vocabulary.
 
 The objective per position, with C_p the certificate of the rule the drafter will serve (THEORY.md section 3)::
 
@@ -52,6 +58,8 @@ from specert.prompts import SHAREGPT, training_chats
 from specert.rules import rule
 
 OBJECTIVES = ("kl", "certified", "reachable")
+ARCHITECTURES = ("head", "pruned")
+DEFAULT_STEPS = {"head": 1000, "pruned": 150}  # what fits the hour on 2 cores with the cache (README)
 REACHABLE_TAU = 0.5  # width, in log(KL / C_p), of the band the reachable objective works on
 ANSWERS = ("data", "target")
 GENERATION_BATCH = 32  # prompts answered at once in self-distillation (fixed: it is part of what the answers are)
@@ -69,15 +77,24 @@ class DistillConfig:
     feature_layers: tuple[int, ...] = ()  # target hidden-state indices (default: ~L/10, L/2 and L, the final one)
     rule: str = "greedy"  # the rule whose certificate the objective targets
     objective: str = "certified"
+    architecture: str = "head"
+    drop: int = 4  # pruned: decoder layers removed
+    rank: int = 16  # pruned: LoRA rank
     hinge: float = 1.0  # lambda, the weight of the certificate term
     depths: int = 3  # training-time test depth
-    steps: int = 1000
+    steps: int | None = None  # default: DEFAULT_STEPS of the architecture
     batch_size: int = 4
     lr: float = 1e-3
     seed: int = 0
     save_every: int = 50
 
     def validate(self) -> None:
+        if self.architecture not in ARCHITECTURES:
+            raise ValueError(f"architecture must be one of {', '.join(ARCHITECTURES)}, got {self.architecture!r}")
+        if self.steps is None:
+            self.steps = DEFAULT_STEPS[self.architecture]
+        if self.rank < 1 or self.drop < 1:
+            raise ValueError(f"rank and drop must be >= 1, got {self.rank} and {self.drop}")
         for name in ("texts", "held_out", "max_tokens", "draft_vocab", "depths", "steps", "batch_size", "save_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
@@ -347,6 +364,43 @@ def unrolled(head: DraftHead, feats: torch.Tensor, tokens: torch.Tensor, depths:
         yield g
 
 
+def objective(kl: torch.Tensor, cert: torch.Tensor, m: torch.Tensor, cfg: DistillConfig) -> torch.Tensor:
+    """The training objective (module docstring) averaged over the entries ``m`` of per-entry ``kl`` and C_p."""
+    loss = kl[m].mean()
+    if cfg.objective == "certified":
+        loss = loss + cfg.hinge * F.relu(kl - cert)[m].mean()
+    elif cfg.objective == "reachable":
+        ratio = kl.clamp(min=1e-12).log() - cert.clamp(min=1e-12).log()
+        loss = loss + cfg.hinge * torch.sigmoid(ratio / REACHABLE_TAU)[m].mean()
+    return loss
+
+
+def student_losses(model: torch.nn.Module, batch: dict, cfg: DistillConfig) -> dict:
+    """:func:`losses` for a standalone drafter (the pruned model), which reads the same tokens as the target: entry
+    t's q is the drafter's next-token distribution after tokens 0..t, over the full vocabulary, and p the target's
+    (from its cached float16 final states, as the head's). Depth 1 only (a standalone drafter's deeper drafts are
+    the same computation on its own tokens)."""
+    tokens, valid = batch["tokens"].long(), batch["valid"]
+    lm = model.get_output_embeddings().weight
+    h = lm.shape[1]
+    with torch.no_grad():
+        logp = batch["features"][..., -h:].float() @ lm.T.float() - batch["lse"][..., None]  # [B, T, V]
+        p = logp.exp()
+        neg_entropy = (p * logp).sum(-1)
+        top1 = batch["top1"].long()
+    logits = model(input_ids=tokens, attention_mask=valid.long(), use_cache=False).logits
+    logq = F.log_softmax(logits.float(), -1)
+    kl = neg_entropy - (p * logq).sum(-1)  # [B, T]
+    out = {"loss": objective(kl, batch["certificate"], valid, cfg)}
+    with torch.no_grad():
+        out["kl/1"] = float(kl[valid].mean())
+        out["agree/1"] = float((logq.argmax(-1) == top1)[valid].float().mean())
+        out["certified/1"] = float((kl < batch["certificate"])[valid].float().mean())
+        out["kl_entries"] = kl[valid].detach()
+        out["count/1"] = int(valid.sum())
+    return out
+
+
 def losses(head: DraftHead, batch: dict, cfg: DistillConfig) -> dict:
     """The objective and its parts for one batch (see the module docstring), over ``cfg.depths`` passes.
 
@@ -373,18 +427,13 @@ def losses(head: DraftHead, batch: dict, cfg: DistillConfig) -> dict:
         cross = -((p_s * logq[..., :-1]).sum(-1) + p_rest * (logq[..., -1] - head.log_others))
         kl = neg_entropy + cross  # [B, t]
         m = valid & (positions >= d - 1)
-        loss = kl[m].mean()
-        if cfg.objective == "certified":
-            loss = loss + cfg.hinge * F.relu(kl - cert)[m].mean()
-        elif cfg.objective == "reachable":
-            ratio = kl.clamp(min=1e-12).log() - cert.clamp(min=1e-12).log()
-            loss = loss + cfg.hinge * torch.sigmoid(ratio / REACHABLE_TAU)[m].mean()
-        total = total + loss / cfg.depths
+        total = total + objective(kl, cert, m, cfg) / cfg.depths
         with torch.no_grad():
             agree = head.vocab[logq[..., :-1].argmax(-1)] == top1
             out[f"kl/{d}"] = float(kl[m].mean())
             out[f"agree/{d}"] = float(agree[m].float().mean())
             out[f"certified/{d}"] = float((kl < cert)[m].float().mean())
+            out[f"count/{d}"] = int(m.sum())
             if d == 1:
                 out["kl_entries"] = kl[m].detach()
     out["loss"] = total
@@ -415,14 +464,52 @@ def _lr(cfg: DistillConfig, step: int) -> float:
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
 
 
-def train(cfg: DistillConfig, loaded: LoadedModel, meta: dict, train_texts: Texts, work: Path,
-          progress: bool = True) -> DraftHead:
-    """Phase 3: train the head; resumes from ``<work>/<objective>/checkpoint.pt``. Batches depend only on the seed
-    and the step, so a resumed run sees the same batches as an uninterrupted one."""
-    folder = work / cfg.objective
+def run_folder(cfg: DistillConfig, work: Path) -> Path:
+    """Where a training run keeps its checkpoint and report: ``<objective>`` (head) or ``pruned-<objective>``."""
+    return work / (cfg.objective if cfg.architecture == "head" else f"{cfg.architecture}-{cfg.objective}")
+
+
+def pruned_layers(cfg: DistillConfig, loaded: LoadedModel, meta: dict, folder: Path, texts: int = 16) -> dict:
+    """The layers the pruned drafter keeps, from the block influence on the first ``texts`` training texts
+    (:mod:`specert.pruned`); measured once per run folder (``layers.json``)."""
+    from specert.pruned import block_influence, layers_to_keep
+
+    path = folder / "layers.json"
+    if path.is_file():
+        chosen = json.loads(path.read_text())
+        if chosen["drop"] == cfg.drop:
+            return chosen
+    influence = block_influence(loaded.model, meta["train"][:texts])
+    chosen = {"drop": cfg.drop, "keep": list(layers_to_keep(influence, cfg.drop)),
+              "block_influence": [round(float(b), 5) for b in influence]}
     folder.mkdir(parents=True, exist_ok=True)
-    head = new_head(cfg, loaded, meta["vocab"], cfg.seed)
-    params = [p for p in head.parameters() if p.requires_grad]
+    tmp = folder / ".layers.json.tmp"
+    tmp.write_text(json.dumps(chosen))
+    os.replace(tmp, path)
+    return chosen
+
+
+def new_student(cfg: DistillConfig, loaded: LoadedModel, meta: dict, folder: Path):
+    """(untrained drafter, its losses function) for ``cfg.architecture``."""
+    if cfg.architecture == "head":
+        return new_head(cfg, loaded, meta["vocab"], cfg.seed), losses
+    from specert.pruned import student
+
+    keep = pruned_layers(cfg, loaded, meta, folder)["keep"]
+    torch.manual_seed(cfg.seed)
+    return student(loaded.model, tuple(keep), cfg.rank), student_losses
+
+
+def train(cfg: DistillConfig, loaded: LoadedModel, meta: dict, train_texts: Texts, work: Path,
+          progress: bool = True) -> torch.nn.Module:
+    """Phase 3: train the drafter; resumes from ``<run folder>/checkpoint.pt`` (its trained parameters and the
+    optimiser). Batches depend only on the seed and the step, so a resumed run sees the same batches as an
+    uninterrupted one."""
+    folder = run_folder(cfg, work)
+    folder.mkdir(parents=True, exist_ok=True)
+    model, loss_fn = new_student(cfg, loaded, meta, folder)
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
     ckpt, start = folder / "checkpoint.pt", 0
     key = {k: v for k, v in asdict(cfg).items() if k != "save_every"}
@@ -431,20 +518,23 @@ def train(cfg: DistillConfig, loaded: LoadedModel, meta: dict, train_texts: Text
         state = torch.load(ckpt, weights_only=False)
         if state["config"] != key:
             raise ValueError(f"{ckpt} was written with other training options; remove it or use another work folder")
-        head.load_state_dict(state["head"])
+        with torch.no_grad():
+            for name, p in zip(names, params):
+                p.copy_(state["trained"][name])
         opt.load_state_dict(state["optimizer"])
         start = state["step"]
     n = len(train_texts.lengths)
-    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=f"training ({cfg.objective})",
-               unit="step", disable=not progress or start >= cfg.steps)
-    head.train()
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps,
+               desc=f"training ({cfg.architecture}, {cfg.objective})", unit="step",
+               disable=not progress or start >= cfg.steps)
+    model.train()
     for step in bar:
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
         which = torch.randint(n, (min(cfg.batch_size, n),), generator=g).tolist()
         for group in opt.param_groups:
             group["lr"] = _lr(cfg, step)
         torch.manual_seed(cfg.seed * 1_000_003 + step)
-        parts = losses(head, train_texts.batch(which), cfg)
+        parts = loss_fn(model, train_texts.batch(which), cfg)
         opt.zero_grad(set_to_none=True)
         parts["loss"].backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -452,27 +542,27 @@ def train(cfg: DistillConfig, loaded: LoadedModel, meta: dict, train_texts: Text
         bar.set_postfix(kl=f"{parts['kl/1']:.2f}", agree=f"{parts['agree/1']:.2f}",
                         certified=f"{parts['certified/1']:.2f}")
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
-            _atomic_save({"config": key, "step": step + 1, "head": head.state_dict(),
-                          "optimizer": opt.state_dict()}, ckpt)
-    return head.eval()
+            trained = {name: p.detach().clone() for name, p in zip(names, params)}
+            _atomic_save({"config": key, "step": step + 1, "trained": trained, "optimizer": opt.state_dict()}, ckpt)
+    return model.eval()
 
 
 @torch.no_grad()
-def held_out_report(head: DraftHead, texts: Texts, cfg: DistillConfig, batch: int = 8) -> dict:
-    """Teacher-forced figures on held-out texts: per depth mean KL, agreement with the target's greedy token and
-    the certified fraction; and at depth 1 the median KL."""
+def held_out_report(model: torch.nn.Module, texts: Texts, cfg: DistillConfig, batch: int = 8) -> dict:
+    """Teacher-forced figures on held-out texts: per depth (a head's; a pruned drafter has depth 1) mean KL,
+    agreement with the target's greedy token and the certified fraction; and at depth 1 the median KL."""
+    loss_fn = losses if isinstance(model, DraftHead) else student_losses
     sums: dict[str, float] = {}
     weights: dict[str, int] = {}
     kls = []
     for i in range(0, len(texts.lengths), batch):
         which = list(range(i, min(i + batch, len(texts.lengths))))
-        b = texts.batch(which)
-        parts = losses(head, b, cfg)
-        for d in range(1, cfg.depths + 1):
-            count = int(((b["valid"][:, 1:]) & (torch.arange(b["valid"].shape[1] - 1) >= d - 1)).sum())
+        parts = loss_fn(model, texts.batch(which), cfg)
+        for key in [k for k in parts if k.startswith("count/")]:
+            d = key.split("/")[1]
             for name in ("kl", "agree", "certified"):
-                sums[f"{name}/{d}"] = sums.get(f"{name}/{d}", 0.0) + parts[f"{name}/{d}"] * count
-                weights[f"{name}/{d}"] = weights.get(f"{name}/{d}", 0) + count
+                sums[f"{name}/{d}"] = sums.get(f"{name}/{d}", 0.0) + parts[f"{name}/{d}"] * parts[key]
+                weights[f"{name}/{d}"] = weights.get(f"{name}/{d}", 0) + parts[key]
         kls.append(parts["kl_entries"])
     report = {k: sums[k] / weights[k] for k in sums}
     report["median_kl/1"] = float(torch.cat(kls).median())
@@ -481,7 +571,7 @@ def held_out_report(head: DraftHead, texts: Texts, cfg: DistillConfig, batch: in
 
 
 def run_distill(cfg: DistillConfig, work: Path, out: Path, progress: bool = True) -> dict:
-    """All three phases; writes the head to ``out`` and ``<work>/<objective>/report.json``. Returns the report."""
+    """All three phases; writes the drafter to ``out`` and ``report.json`` to its run folder. Returns the report."""
     cfg.validate()
     loaded = load_model(cfg.target)
     layers = loaded.model.config.num_hidden_layers
@@ -495,18 +585,35 @@ def run_distill(cfg: DistillConfig, work: Path, out: Path, progress: bool = True
     meta = prepare(cfg, loaded, work, progress)
     build_cache(cfg, loaded, meta, work, progress)
     train_texts, held = load_cache(meta, work)
-    head = train(cfg, loaded, meta, train_texts, work, progress)
-    save_head(head, out)
-    from specert.head import load_head
+    model = train(cfg, loaded, meta, train_texts, work, progress)
+    folder = run_folder(cfg, work)
+    extra = {}
+    if cfg.architecture == "head":
+        from specert.head import load_head
 
-    saved = load_head(out, loaded)  # figures of the head as stored (float16 weights)
-    report = {"config": {**asdict(cfg), "feature_layers": list(cfg.feature_layers)}, "head": str(out),
+        save_head(model, out)
+        saved = load_head(out, loaded)  # figures of the head as stored (float16 weights)
+    else:
+        from specert.pruned import PrunedConfig, load_pruned, save_pruned
+
+        chosen = pruned_layers(cfg, loaded, meta, folder)
+        mc = loaded.model.config
+        data = f"the target's answers to {cfg.data}" if cfg.answers == "target" else cfg.data
+        pc = PrunedConfig(keep=tuple(chosen["keep"]), rank=cfg.rank, layers=mc.num_hidden_layers,
+                          vocab_size=loaded.vocab_size, hidden=mc.hidden_size, target=loaded.name,
+                          target_fingerprint=fingerprint(loaded.model),
+                          trained=f"{cfg.objective} on {data}, {cfg.steps} steps of {cfg.batch_size}, seed {cfg.seed}")
+        save_pruned(model, pc, out)
+        # figures of the drafter as stored (float16 updates) on its int4 grid, with float activations
+        saved = load_pruned(out, loaded, serve=False)
+        extra = {"keep": chosen["keep"], "block_influence": chosen["block_influence"]}
+    report = {"config": {**asdict(cfg), "feature_layers": list(cfg.feature_layers)}, "drafter": str(out),
               "train_texts": len(train_texts.lengths), "train_tokens": meta["train_tokens"],
-              "draft_vocab_coverage": _coverage(train_texts, meta["vocab"]),
+              "draft_vocab_coverage": _coverage(train_texts, meta["vocab"]), **extra,
               "held_out": held_out_report(saved, held, cfg)}
-    tmp = work / cfg.objective / ".report.json.tmp"
+    tmp = folder / ".report.json.tmp"
     tmp.write_text(json.dumps(report, indent=1))
-    os.replace(tmp, work / cfg.objective / "report.json")
+    os.replace(tmp, folder / "report.json")
     return report
 
 

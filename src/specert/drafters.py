@@ -17,6 +17,8 @@ spec              drafter
 ``int8``          the target with int8 weights, one scale per row (:mod:`specert.quantized`)
 ``head[:PATH]``   a draft head trained by ``specert distill`` (:mod:`specert.head`) reading the target's hidden
                   states; without PATH the head shipped for the embedded default
+``pruned[:PATH]`` the target with its least useful layers removed and healed by ``specert distill --architecture
+                  pruned`` (:mod:`specert.pruned`), int4; without PATH the one shipped for the embedded default
 ================  =======================================================================================
 """
 
@@ -290,22 +292,34 @@ class HeadDrafter(Drafter):
 
 def layer_skip_view(model: torch.nn.Module, layers: int) -> torch.nn.Module:
     """The target's first ``layers`` decoder layers, final norm and LM head as a model of its own, sharing every
-    weight with the target (no copy): a shallow copy whose layer list is cut."""
+    weight with the target (no copy)."""
     inner = getattr(model, "model", None)
     if inner is None or not hasattr(inner, "layers"):
         raise ValueError(f"layerskip needs a decoder with model.layers; {type(model).__name__} has none")
     total = len(inner.layers)
     if not 1 <= layers < total:
         raise ValueError(f"layerskip:L needs 1 <= L < {total} (the target's layer count), got {layers}")
+    return layer_subset(model, list(range(layers)))
+
+
+def layer_subset(model: torch.nn.Module, keep: list[int], copy_layers: bool = False) -> torch.nn.Module:
+    """The model with only the decoder layers ``keep`` (in order), sharing its embedding, final norm and LM head:
+    a shallow copy whose layer list is replaced. ``copy_layers`` gives it its own copies of those layers (to train
+    or change them), renumbered for the KV cache; otherwise they are the model's own (``keep`` must be a prefix)."""
+    inner = model.model
     # NOTE: a shallow copy of a Module shares its `_modules` dict: give each copy its own before replacing children.
     view, inner_view = copy.copy(model), copy.copy(inner)
     view._modules, inner_view._modules = dict(model._modules), dict(inner._modules)
-    inner_view.layers = torch.nn.ModuleList(list(inner.layers)[:layers])
+    layers = [copy.deepcopy(inner.layers[i]) if copy_layers else inner.layers[i] for i in keep]
+    for j, layer in enumerate(layers):
+        if copy_layers and hasattr(getattr(layer, "self_attn", None), "layer_idx"):
+            layer.self_attn.layer_idx = j
+    inner_view.layers = torch.nn.ModuleList(layers)
     view.model = inner_view
     view.config = copy.deepcopy(model.config)
-    view.config.num_hidden_layers = layers
+    view.config.num_hidden_layers = len(keep)
     if getattr(view.config, "layer_types", None):
-        view.config.layer_types = view.config.layer_types[:layers]
+        view.config.layer_types = [view.config.layer_types[i] for i in keep]
     view.model.config = view.config
     return view
 
@@ -364,11 +378,11 @@ class NGramDrafter(Drafter):
 def check_drafter_spec(spec: str) -> None:
     """Raise ``ValueError`` for a malformed drafter spec, before any model is loaded."""
     kind, _, arg = spec.partition(":")
-    if spec in ("int4", "int8", "head"):
+    if spec in ("int4", "int8", "head", "pruned"):
         return
-    if kind not in ("model", "layerskip", "ngram", "head"):
-        raise ValueError(
-            f"unknown drafter spec {spec!r}; use model:SPEC, layerskip:L, ngram:N, head[:PATH], int4 or int8")
+    if kind not in ("model", "layerskip", "ngram", "head", "pruned"):
+        raise ValueError(f"unknown drafter spec {spec!r}; use model:SPEC, layerskip:L, ngram:N, head[:PATH], "
+                         "pruned[:PATH], int4 or int8")
     if kind in ("layerskip", "ngram") and arg and not arg.isdigit():
         raise ValueError(f"drafter spec {spec!r}: {kind} takes a whole number, e.g. {kind}:3")
     if kind != "ngram" and not arg:
@@ -387,6 +401,10 @@ def drafter_from_spec(spec: str, target: LoadedModel) -> Drafter:
         from specert.head import load_head, shipped_head
 
         return HeadDrafter(load_head(arg or shipped_head(target), target), spec)
+    if kind == "pruned":
+        from specert.pruned import load_pruned, shipped_pruned
+
+        return ModelDrafter(load_pruned(arg or shipped_pruned(target), target), spec)
     if kind == "layerskip":
         return ModelDrafter(layer_skip_view(target.model, int(arg)), spec, layers_of_target=True)
     return model_drafter(load_model(arg), target, spec)

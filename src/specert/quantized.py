@@ -53,6 +53,26 @@ def supported(weight: torch.Tensor, bits: int) -> bool:
     return in_features % GROUP == 0 and (bits == 8 or out_features % 16 == 0)
 
 
+def int4_grid(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The int4 grid of a ``[n, k]`` weight (module docstring): integers q ``[n, k]`` (int32), steps d and minima m
+    ``[n, k / GROUP]``. Both ends of a group are on its grid (q = 0 and 15), so the grid of :func:`fake_int4`'s
+    output is this one again."""
+    n, k = w.shape
+    groups = w.view(n, k // GROUP, GROUP)
+    low, high = groups.amin(-1), groups.amax(-1)
+    d = (high - low) / 15
+    d = torch.where(d > 0, d, torch.ones_like(d))  # a constant group: q = 0, w = m
+    q = ((groups - low[..., None]) / d[..., None]).round().clamp(0, 15).to(torch.int32).view(n, k)
+    return q, d, low
+
+
+def fake_int4(w: torch.Tensor) -> torch.Tensor:
+    """``w`` rounded to its int4 grid, in floating point: d q + m (what :class:`Int4Linear` computes with)."""
+    n, k = w.shape
+    q, d, low = int4_grid(w)
+    return (q.view(n, k // GROUP, GROUP).to(w.dtype) * d[..., None] + low[..., None]).view(n, k)
+
+
 class QuantizedLinear(torch.nn.Module):
     """``y = x W^T + b`` with W stored in integers (subclasses hold them and run the product); inputs of
     ``PREFILL_ROWS`` rows or more run on the shared float weight."""
@@ -80,13 +100,7 @@ class Int4Linear(QuantizedLinear):
 
     def __init__(self, linear: torch.nn.Linear):
         super().__init__(linear)
-        w = linear.weight.detach().float()
-        n, k = w.shape
-        groups = w.view(n, k // GROUP, GROUP)
-        low, high = groups.amin(-1), groups.amax(-1)
-        d = (high - low) / 15
-        d = torch.where(d > 0, d, torch.ones_like(d))  # a constant group: q = 0, w = m
-        q = ((groups - low[..., None]) / d[..., None]).round().clamp(0, 15).to(torch.int32).view(n, k)
+        q, d, low = int4_grid(linear.weight.detach().float())
         self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1))
         # [in / g, out, 2]: scale and zero of each group, as the kernel reads them
         self.register_buffer("scales_and_zeros", torch.stack([d.t(), (low + 8 * d).t()], -1).to(ACTIVATIONS))

@@ -164,23 +164,39 @@ def save_head(head: DraftHead, path) -> Path:
     return path
 
 
-def load_head(path, target) -> DraftHead:
-    """Load a head saved by :func:`save_head` for ``target`` (a :class:`~specert.models.LoadedModel`); refused with
-    a clear error if it was trained for another target or vocabulary."""
+def read_drafter_file(path: Path, fmt: str, what: str) -> tuple[dict, dict]:
+    """(config, tensors) of a drafter file written by specert (safetensors, format ``fmt`` and a JSON config in its
+    metadata); a clear error for anything else."""
     from safetensors import safe_open
 
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"no draft head file {path}; train one with `specert distill` or use head:default")
     try:
         with safe_open(str(path), "pt") as f:
             meta = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:  # noqa: BLE001 (safetensors raises several types for a corrupt file)
-        raise ValueError(f"{path} is not a draft head ({type(e).__name__}: {e})") from None
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a specert draft head (format {meta.get('format')!r}, expected {FORMAT!r})")
-    raw = json.loads(meta["config"])
+        raise ValueError(f"{path} is not a {what} ({type(e).__name__}: {e})") from None
+    if meta.get("format") != fmt:
+        found = meta.get("format")
+        hint = "; it is a draft head: use head:PATH" if found == FORMAT else ""
+        raise ValueError(f"{path} is not a specert {what} (format {found!r}, expected {fmt!r}){hint}")
+    return json.loads(meta["config"]), tensors
+
+
+def check_fingerprint(what: str, trained_for: str, checksum: float, target) -> None:
+    """Refuse a drafter trained for another target (its :func:`fingerprint` differs)."""
+    mine = fingerprint(target.model)
+    if not math.isclose(mine, checksum, rel_tol=1e-6, abs_tol=1e-6):
+        raise ValueError(f"{what} was trained for another target ({trained_for}; embedding checksum {checksum:.6g}), "
+                         f"not {target.name} (checksum {mine:.6g}): train one with `specert distill`")
+
+
+def load_head(path, target) -> DraftHead:
+    """Load a head saved by :func:`save_head` for ``target`` (a :class:`~specert.models.LoadedModel`); refused with
+    a clear error if it was trained for another target or vocabulary."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"no draft head file {path}; train one with `specert distill` or use head:default")
+    raw, tensors = read_drafter_file(path, FORMAT, "draft head")
     cfg = HeadConfig(**{**raw, "feature_layers": tuple(raw["feature_layers"])})
     model = target.model
     if cfg.vocab_size != target.vocab_size or cfg.hidden != model.config.hidden_size:
@@ -188,12 +204,7 @@ def load_head(path, target) -> DraftHead:
             f"draft head {path.name} was trained for a target with {cfg.vocab_size} tokens and hidden size "
             f"{cfg.hidden} ({cfg.target}), but {target.name} has {target.vocab_size} and {model.config.hidden_size}"
         )
-    mine = fingerprint(model)
-    if not math.isclose(mine, cfg.target_fingerprint, rel_tol=1e-6, abs_tol=1e-6):
-        raise ValueError(
-            f"draft head {path.name} was trained for another target ({cfg.target}; embedding checksum "
-            f"{cfg.target_fingerprint:.6g}), not {target.name} (checksum {mine:.6g}): train one with `specert distill`"
-        )
+    check_fingerprint(f"draft head {path.name}", cfg.target, cfg.target_fingerprint, target)
     layers = model.config.num_hidden_layers
     if max(cfg.feature_layers) > layers:
         raise ValueError(f"draft head {path.name} reads layer {max(cfg.feature_layers)}; {target.name} has {layers}")

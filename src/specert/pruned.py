@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from specert.drafters import layer_subset
-from specert.head import fingerprint
+from specert.head import check_fingerprint, read_drafter_file
 from specert.quantized import fake_int4, quantized_copy, supported
 
 FORMAT = "specert-pruned-drafter/1"
@@ -175,23 +175,11 @@ def load_pruned(path, target, serve: bool = True) -> nn.Module:
     """The drafter saved at ``path`` for ``target`` (a :class:`~specert.models.LoadedModel`), as it runs
     (``serve``) or as the float :func:`student` it was trained as; refused with a clear error if it was trained for
     another target or vocabulary."""
-    from safetensors import safe_open
-
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"no pruned drafter file {path}; train one with `specert distill --architecture pruned` "
                          "or use pruned (the shipped one)")
-    try:
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:  # noqa: BLE001 (safetensors raises several types for a corrupt file)
-        raise ValueError(f"{path} is not a pruned drafter ({type(e).__name__}: {e})") from None
-    if meta.get("format") != FORMAT:
-        hint = "; it is a draft head: use head:PATH" if "head" in str(meta.get("format")) else ""
-        raise ValueError(f"{path} is not a specert pruned drafter (format {meta.get('format')!r}, expected "
-                         f"{FORMAT!r}){hint}")
-    raw = json.loads(meta["config"])
+    raw, tensors = read_drafter_file(path, FORMAT, "pruned drafter")
     cfg = PrunedConfig(**{**raw, "keep": tuple(raw["keep"])})
     model = target.model
     layers = getattr(model.config, "num_hidden_layers", None)
@@ -200,12 +188,7 @@ def load_pruned(path, target, serve: bool = True) -> nn.Module:
             f"pruned drafter {path.name} was trained for a target with {cfg.vocab_size} tokens, hidden size "
             f"{cfg.hidden} and {cfg.layers} layers ({cfg.target}), but {target.name} has {target.vocab_size}, "
             f"{model.config.hidden_size} and {layers}: train one for it with `specert distill --architecture pruned`")
-    mine = fingerprint(model)
-    if not math.isclose(mine, cfg.target_fingerprint, rel_tol=1e-6, abs_tol=1e-6):
-        raise ValueError(
-            f"pruned drafter {path.name} was trained for another target ({cfg.target}; embedding checksum "
-            f"{cfg.target_fingerprint:.6g}), not {target.name} (checksum {mine:.6g}): train one with "
-            "`specert distill --architecture pruned`")
+    check_fingerprint(f"pruned drafter {path.name}", cfg.target, cfg.target_fingerprint, target)
     built = student(model, cfg.keep, cfg.rank)
     expected = set(trained_state(built))
     if set(tensors) != expected:

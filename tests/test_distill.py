@@ -144,7 +144,11 @@ def test_certificate_terms_of_the_objectives(trained):
 def test_saved_head_decodes_losslessly(trained, tiny_chat_dir, shape):
     _, work, _ = trained
     target = load_model(str(tiny_chat_dir))
-    drafter = drafter_from_spec(f"head:{work / 'head.safetensors'}", target)
+    assert_decodes_losslessly(target, drafter_from_spec(f"head:{work / 'head.safetensors'}", target), shape)
+
+
+def assert_decodes_losslessly(target, drafter, shape):
+    """Strict greedy with ``drafter`` in ``shape`` gives the target's own greedy tokens; certified steps accepted."""
     for prompt in ([5, 17, 300, 2000, 17, 300], [7]):
         expected = generate(target, prompt, None, max_new_tokens=30, stop_at_eos=False).tokens
         got = generate(target, prompt, drafter, "greedy", max_new_tokens=30, stop_at_eos=False, trace=True, **shape)

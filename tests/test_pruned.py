@@ -6,13 +6,12 @@ import json
 import pytest
 import torch
 
-from specert.decoding import generate
 from specert.distill import held_out_report, load_cache, run_distill
 from specert.drafters import ModelDrafter, drafter_from_spec
 from specert.models import load_model
 from specert.pruned import block_influence, layers_to_keep, load_pruned, student
 from specert.quantized import fake_int4, int4_grid
-from test_distill import chats, small_config  # noqa: F401 (chats: a fixture)
+from test_distill import assert_decodes_losslessly, chats, small_config  # noqa: F401 (chats: a fixture)
 from tiny import tiny_model
 
 
@@ -87,12 +86,7 @@ def test_served_drafter_is_the_trained_one(pruned, tiny_chat_dir):
 def test_saved_pruned_drafter_decodes_losslessly(pruned, tiny_chat_dir, shape):
     _, work, _ = pruned
     target = load_model(str(tiny_chat_dir))
-    drafter = drafter_from_spec(f"pruned:{work / 'p.safetensors'}", target)
-    for prompt in ([5, 17, 300, 2000, 17, 300], [7]):
-        expected = generate(target, prompt, None, max_new_tokens=30, stop_at_eos=False).tokens
-        got = generate(target, prompt, drafter, "greedy", max_new_tokens=30, stop_at_eos=False, trace=True, **shape)
-        assert got.tokens == expected
-        assert all(row.accepted for row in got.trace if row.kl < row.certificate)
+    assert_decodes_losslessly(target, drafter_from_spec(f"pruned:{work / 'p.safetensors'}", target), shape)
 
 
 def test_pruned_drafter_for_another_target_is_refused(pruned, tiny_chat_dir, tmp_path):

@@ -141,13 +141,18 @@ class DraftHead(nn.Module):
 SHIPPED = {"smollm2-135m": "smollm2-135m.safetensors"}  # target spec -> file in specert/heads
 
 
-def shipped_head(target) -> Path:
-    """The head shipped in the package for ``target`` (a :class:`~specert.models.LoadedModel`)."""
-    name = SHIPPED.get(target.name)
+def shipped_file(target, shipped: dict[str, str], what: str, how: str) -> Path:
+    """The drafter file in ``specert/heads`` that ``shipped`` (target spec -> file name) names for ``target`` (a
+    :class:`~specert.models.LoadedModel`); ``what`` and ``how`` (to train one) word the error for other targets."""
+    name = shipped.get(target.name)
     if name is None:
-        raise ValueError(f"no draft head ships for target {target.name!r} (only for {', '.join(SHIPPED)}); "
-                         "train one with `specert distill` and use head:PATH")
+        raise ValueError(f"no {what} ships for target {target.name!r} (only for {', '.join(shipped)}); {how}")
     return Path(__file__).parent / "heads" / name
+
+
+def shipped_head(target) -> Path:
+    """The head shipped in the package for ``target``."""
+    return shipped_file(target, SHIPPED, "draft head", "train one with `specert distill` and use head:PATH")
 
 
 def save_head(head: DraftHead, path) -> Path:

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from specert.drafters import layer_subset
-from specert.head import check_fingerprint, read_drafter_file
+from specert.head import check_fingerprint, read_drafter_file, shipped_file
 from specert.quantized import fake_int4, quantized_copy, supported
 
 FORMAT = "specert-pruned-drafter/1"
@@ -163,12 +163,9 @@ def save_pruned(model: nn.Module, cfg: PrunedConfig, path) -> Path:
 
 
 def shipped_pruned(target) -> Path:
-    """The pruned drafter shipped in the package for ``target`` (a :class:`~specert.models.LoadedModel`)."""
-    name = SHIPPED.get(target.name)
-    if name is None:
-        raise ValueError(f"no pruned drafter ships for target {target.name!r} (only for {', '.join(SHIPPED)}); "
-                         "train one with `specert distill --architecture pruned` and use pruned:PATH")
-    return Path(__file__).parent / "heads" / name
+    """The pruned drafter shipped in the package for ``target``."""
+    return shipped_file(target, SHIPPED, "pruned drafter",
+                        "train one with `specert distill --architecture pruned` and use pruned:PATH")
 
 
 def load_pruned(path, target, serve: bool = True) -> nn.Module:

@@ -134,7 +134,7 @@ def test_certified_schedule_guarantee_and_economy(target):
         for shape in (dict(k="auto"), dict(tree="auto:12")):
             out = generate(target, PROMPT, drafter, max_new_tokens=40, **shape)
             assert out.audit["held_covered"] == out.audit["held"]
-    close.history.seconds = [0.0, 10**6, 10**6, 10**6]  # as if drafting were free: drafting pays at any length
+    close.history.forward = [10.0**6, 1]  # as if a target forward took 10^6 s: drafting pays at any length
     full = generate(target, PROMPT, close, max_new_tokens=40, k="auto:6")
     assert min(full.drafted[:-1]) == 6 and out.audit is not None
     auto = generate(target, PROMPT, far, max_new_tokens=40, k="auto:8")
@@ -191,9 +191,38 @@ def test_certified_chain_runs_past_the_certificate_only_while_it_pays():
     assert s.widths(0, unsure[None], 1, 100) == [0]  # a draft right 31% of the time cannot pay for verifying it
     s.fixed_cost = None  # measured: drafting seconds per token over a one-token forward, plus verification
     s.timed(0.2, 0.5 * (VERIFY_COST + VERIFY_TOKEN_COST * 8), 8)  # a one-token forward: 0.5 s
-    assert s.cost == pytest.approx(0.2 / 8 / 0.5 + VERIFY_TOKEN_COST)
+    assert s.cost == pytest.approx(0.2 / 8 / 0.5 + VERIFY_TOKEN_COST)  # one length: all of it per token
+    for n in (2, 4, 12):  # lengths that vary: 0.1 s per step and 0.0125 s per token
+        s.timed(0.1 + 0.0125 * n, 0.5 * (VERIFY_COST + VERIFY_TOKEN_COST * n), n)
+    s.history.steps.popleft()
+    assert s.costs() == pytest.approx((0.1 / 0.5, 0.0125 / 0.5 + VERIFY_TOKEN_COST))
     with pytest.raises(ValueError, match="cost"):
         CertifiedSchedule(cost=-1.0)
+
+
+def test_certified_chain_drafts_while_its_tokens_beat_the_drafters_rate():
+    """The stopping rule (specert.schedules): draft on while the tokens the next positions add beat lambda times
+    their cost, lambda the rate of the latest steps (at least 1); the first draft pays for the verification, so the
+    rule looks past it."""
+    from specert.schedules import VERIFY_COST, CertifiedSchedule
+
+    s = CertifiedSchedule(max_depth=16, cost=0.3)
+    assert s.rate(0.0, 0.3) == 1.0  # nothing measured: plain decoding's rate
+    s.history.yields.extend([(12, 13)] * 4)  # 13 tokens for 1.4 + 12 * 0.3 = 5 forwards per step
+    assert s.rate(0.0, 0.3) == pytest.approx(13 / (VERIFY_COST + 12 * 0.3))
+    s.history.yields.clear()
+    s.history.yields.extend([(0, 1)] * 4)  # drafting nothing costs F on top of a plain forward: plain is better
+    assert s.rate(0.5, 0.3) == 1.0
+    s._costs = (0.0, 0.3)
+    s._rate = 2.6  # a token surviving with 0.7 is worth 0.7 < 2.6 * 0.3; followed by ones at 1/2, never
+    assert not s.pays(5, 0.7)
+    s._rate = 2.0
+    assert s.pays(5, 0.7)
+    s.history.reached, s.history.accepted = [0.0, 100.0], [0.0, 98.0]  # positions after it: mean rate 0.97
+    # the first draft carries the verification (0.4 of a forward): 0.95 < 2 * 0.7, but ten of them pay
+    assert 0.95 < s._rate * (VERIFY_COST - 1 + 0.3) and s.pays(0, 0.95)
+    s.history.reached, s.history.accepted = [0.0, 100.0], [0.0, 50.0]
+    assert not s.pays(0, 0.95)
 
 
 def test_certified_chain_learns_from_where_it_stopped():
@@ -201,7 +230,7 @@ def test_certified_chain_learns_from_where_it_stopped():
     where the chain stopped was right: the stop is measured without drafting it."""
     from specert.certificates import drafter_certificate
     from specert.drafters import DraftTree
-    from specert.schedules import CertifiedSchedule
+    from specert.schedules import RECENT, CertifiedSchedule
 
     sure = torch.tensor([6.0, 0, 0, 0, 0, 0, 0, 0])
     unsure = torch.tensor([0.0, 0, 1.0, 0.9, 0, 0, 0, 0])  # would draft token 2
@@ -213,8 +242,31 @@ def test_certified_chain_learns_from_where_it_stopped():
     target = torch.zeros(2, 8)
     target[0, 0] = target[1, 2] = 5.0  # accepts the drafted 0, and its greedy token after it is the drafter's 2
     s.observe(tree, target, [0])
-    assert s.history.reached == [5, 11] and s.history.accepted == [1, 11]
+    g = 1 - 1 / RECENT  # each position seen discounts the older ones of its class
+    assert s.history.reached == pytest.approx([4 * g + 1, 10 * g + 1])
+    assert s.history.accepted == pytest.approx([0 * g + 1, 10 * g + 1])
     assert s.audit()["uncertified_accepted"] == 1
+
+
+def test_certified_chain_follows_the_text_being_generated():
+    """The acceptance rates weigh recent positions most (schedules.RECENT): after a long run of accepted uncertified
+    drafts, a few dozen rejected ones bring the measured rate down to where the chain stops at them."""
+    from specert.drafters import DraftTree
+    from specert.schedules import RECENT, CertifiedSchedule
+
+    unsure = torch.tensor([0.0, 0, 1.0, 0.9, 0, 0, 0, 0])  # would draft token 2
+    s = CertifiedSchedule(max_depth=8, cost=0.3)
+    s.eps_hat = 100.0  # nothing is certified
+    s.history.reached, s.history.accepted = [60.0, 0.0], [57.0, 0.0]  # 95% accepted (60: about a full window)
+    assert s.widths(0, unsure[None], 1, 100) == [1]
+    target = torch.zeros(2, 8)
+    target[0, 3] = 5.0  # the target wants 3: the drafted 2 is rejected
+    for _ in range(RECENT // 2):
+        s.eps_hat = 100.0
+        s.widths(0, unsure[None], 1, 100)
+        s.observe(DraftTree([2], [-1], unsure[None].repeat(2, 1), [True, False]), target, [])
+    assert s.alpha(False) < 0.7
+    assert s.widths(0, unsure[None], 1, 100) == [0]
 
 
 def test_drafts_never_exceed_the_room_left(target):

@@ -98,7 +98,7 @@ def _step(target, cache, drafter: Drafter, r: Rule, context: list[int], schedule
         positions = [past] + [past + 1 + d for d in tree.depth] + [past + 1] * pad
     tokens = [context[-1]] + tree.tokens + [context[-1]] * pad  # chain padding comes last: causal, seen by no one
     logits, states = forward_features(target.model, cache, tokens, drafter.feature_layers, positions, attend)
-    schedule.timed(t1 - t0, time.perf_counter() - t1, n)
+    t2 = time.perf_counter()
     logits = logits[: 1 + n]  # [1 + N, V]; states [1 + N + pad, nl * H] or None
     if n:  # 3. accept: each node judged at its parent's position
         parent_rows = torch.tensor([p + 1 for p in tree.parents])
@@ -113,6 +113,7 @@ def _step(target, cache, drafter: Drafter, r: Rule, context: list[int], schedule
     if states is not None:  # a drafter reading the target's states gets those of the kept tokens
         drafter.target_ran(past, states[[0] + [1 + i for i in path]])
     schedule.observe(tree, logits, path)
+    schedule.timed(t1 - t0 + time.perf_counter() - t2, t2 - t1, n)  # all but the target's forward, and that
     return [tree.tokens[i] for i in path] + [bonus], tree, logits, path
 
 

@@ -21,25 +21,35 @@ positions (0 before the first, so a drafter's first step drafts in full). What a
 (these KLs, acceptance by class, timings: :class:`History`) stays with the drafter for its next generation.
 
 A tree position gets the smallest certified width. After a step that drafted nothing the drafter is not run for 1,
-2, 4, ... 32 steps (plain decoding) before it is probed again: a drafter far from the target drafts little and
-costs little.
+2, 4, ... 32 steps (plain decoding) before it is probed again, unless it is a chain's drafter whose drafting pays
+(lambda > 1, below): a drafter far from the target drafts little and costs little.
 
-The certified chain stops where drafting stops paying. A position is *certified* when D_q(1) > eps_hat; the
-schedule measures how often drafted tokens were accepted at certified positions (alpha_c, near 1 when eps_hat is
-right) and at uncertified ones (alpha_u), each as (accepted + 1) / (reached + 2). Where a chain stops, the drafter
-has already computed its next token and the target's forward computes its own greedy token there for free (the
-bonus token): every stop after a fully accepted chain is a measured position too, so alpha_u is learnt without
+The certified chain stops where drafting stops paying. A position is *certified* when D_q(1) > eps_hat; the schedule
+measures how often drafted tokens were accepted at certified positions (alpha_c, near 1 when eps_hat is right) and
+at uncertified ones (alpha_u), each as (accepted + 1) / (reached + 2) over about the latest ``RECENT`` (64) chain
+positions of its class (older ones decay), so that they follow the text being generated. Where a chain stops, the
+drafter has already computed its next token and the target's forward computes its own greedy token there for free
+(the bonus token): every stop after a fully accepted chain is a measured position too, so alpha_u is learnt without
 drafting uncertified tokens to find out (there it counts strict greedy agreement: an underestimate under a relaxed
-rule). Drafting position j survives verification with probability S_j = alpha_1 ... alpha_j, so a chain of k
-expects E_k = 1 + S_1 + ... + S_k tokens for a cost of C_k = V + k c target forwards (C_0 = 1), c being a drafted
-token's marginal cost relative to a target forward of one token (measured from the step timings unless given:
-drafting seconds per drafted token, plus ``VERIFY_TOKEN_COST`` for verifying it) and V = ``VERIFY_COST`` what
-verifying any draft at all costs. Position k + 1 is drafted while its marginal gain beats the step's average,
+rule). Drafting position j survives verification with probability S_j = alpha_1 ... alpha_j, so a chain of k expects
+E_k = 1 + S_1 + ... + S_k tokens for a cost of C_k = F + V + k c target forwards (C_0 = F + 1), c being a drafted
+token's marginal cost relative to a target forward of one token, F a step's fixed cost besides the target's forward
+(the drafter catching up with the context, the bookkeeping), both measured from the step timings unless c is given
+(a least-squares line of a step's seconds outside the target's forward against its drafted tokens, plus
+``VERIFY_TOKEN_COST`` per token for verifying it), and V = ``VERIFY_COST`` what verifying any draft at all costs.
+Position k + 1 is drafted while some h >= 1 more positions add more tokens than they cost at the drafter's rate:
 
-    S_{k+1} / (C_{k+1} - C_k) > E_k / C_k,
+    max over h >= 1 of (E_{k+h} - E_k) - lambda (C_{k+h} - C_k) > 0,
 
-the greedy (stopping-rule) maximiser of E / C. For a drafter far from the target alpha_u is small and the chain
-ends at the first uncertified position (the paper's rule); for a close, cheap one it may run on past it.
+lambda being the tokens per target forward of the latest chain steps (their costs modelled as above; at least 1,
+plain decoding's rate). This is the condition for maximising the long-run rate (total tokens / total cost, a
+renewal-reward ratio) with lambda the rate the policy reaches, as in Dinkelbach's method for fractional programs:
+comparing with the step's own E_k / C_k instead stops long chains too early (after many sure tokens that ratio
+exceeds what the drafter reaches on average). Position k + 1 survives with S_{k+1} = S_k alpha (its class's rate)
+and the positions after it, whose class is not known yet, with the mean rate of either class. Looking ahead (h > 1)
+matters because the first drafted token carries the verification's fixed cost (V - 1): a chain that opens on an
+uncertified token may still pay over its certified ones. For a drafter far from the target alpha_u is small and the
+chain ends at the first uncertified position (the paper's rule); for a close, cheap one it runs on past it.
 
 The guarantee audit counts, at verified certified positions (every position of a certified tree, the certified
 ones of a chain): ``held`` (KL <= the eps_hat the width was chosen with), ``held_covered`` (of those, the target's
@@ -100,6 +110,13 @@ class Schedule:
 VERIFY_COST = 1.4
 VERIFY_TOKEN_COST = 0.01
 
+# Each class's acceptance rate weighs its chain position j positions ago (of that class) by (1 - 1 / RECENT)^j: about
+# its latest RECENT positions count, so the rates follow the text being generated (a translation is drafted worse
+# than code) instead of everything the drafter ever drafted. Per class, not over both: uncertified positions are
+# rare with a close drafter, and a window over all positions would leave them a few samples and the estimate its
+# prior of 1/2.
+RECENT = 64
+
 
 def verify_cost(drafted: int) -> float:
     """A verifying forward's cost in forwards of one token (1 when nothing was drafted)."""
@@ -142,9 +159,12 @@ class History:
     drafter: a server learns its drafter once, not per request)."""
 
     kls: deque = field(default_factory=lambda: deque(maxlen=512))  # KL(p || q) at the latest verified positions
-    reached: list = field(default_factory=lambda: [0, 0])  # chain positions reached, [uncertified, certified]
-    accepted: list = field(default_factory=lambda: [0, 0])  # ... and accepted
-    seconds: list = field(default_factory=lambda: [0.0, 0, 0.0, 0])  # drafting s, drafted, one-forward s, steps
+    reached: list = field(default_factory=lambda: [0.0, 0.0])  # chain positions reached, [uncertified, certified],
+    accepted: list = field(default_factory=lambda: [0.0, 0.0])  # ... and accepted; both decayed (RECENT)
+    steps: deque = field(default_factory=lambda: deque(maxlen=256))  # (drafted, seconds outside the target's
+    # forward) of the latest steps
+    forward: list = field(default_factory=lambda: [0.0, 0])  # one-token target forward: seconds summed, count
+    yields: deque = field(default_factory=lambda: deque(maxlen=64))  # (drafted, emitted) of the latest chain steps
 
 
 class CertifiedSchedule(Schedule):
@@ -166,36 +186,75 @@ class CertifiedSchedule(Schedule):
         self._drafted: list[bool] = []  # this step's chain: certified or not, per position
         self._stop: tuple[bool, int] | None = None  # where it stopped: (certified, the drafter's token there)
         self._backoff = self._skip = 0  # steps to decode without the drafter after it certified nothing
+        self._costs, self._rate = (0.0, 0.0), 1.0  # (F, c) and lambda for this step
+
+    def costs(self) -> tuple[float, float]:
+        """(F, c) in one-token target forwards: a step's fixed cost besides the target's forward (the drafter
+        catching up with the context, the bookkeeping) and a drafted token's marginal cost (its drafting plus
+        ``VERIFY_TOKEN_COST``). Given c: (0, c). Measured: the least-squares line seconds = a + b n over the latest
+        steps (n drafted tokens), one seconds-per-n ratio when n hardly varied; 0 before any measurement."""
+        if self.fixed_cost is not None:
+            return 0.0, self.fixed_cost
+        steps, (forward_s, forwards) = self.history.steps, self.history.forward
+        n = np.array([drafted for drafted, _ in steps], dtype=float)
+        if not forwards or not n.sum():
+            return 0.0, 0.0
+        y, one = np.array([seconds for _, seconds in steps]), forward_s / forwards
+        b, a = np.polyfit(n, y, 1) if n.var() > 0.5 else (0.0, -1.0)
+        if not (a >= 0 and b > 0):
+            a, b = 0.0, y.sum() / n.sum()
+        return a / one, b / one + VERIFY_TOKEN_COST
 
     @property
     def cost(self) -> float:
-        """A drafted token's marginal cost relative to a one-token target forward (given, or measured; 0 before
-        any measurement)."""
-        if self.fixed_cost is not None:
-            return self.fixed_cost
-        draft_s, drafted, one_forward_s, steps = self.history.seconds
-        return (draft_s / drafted) / (one_forward_s / steps) + VERIFY_TOKEN_COST if drafted and steps else 0.0
+        """A drafted token's marginal cost relative to a one-token target forward (:meth:`costs`)."""
+        return self.costs()[1]
 
     def timed(self, draft_seconds, verify_seconds, drafted):
-        s = self.history.seconds
-        s[0], s[1] = s[0] + draft_seconds, s[1] + drafted
-        s[2], s[3] = s[2] + verify_seconds / verify_cost(drafted), s[3] + 1
+        self.history.steps.append((drafted, draft_seconds))
+        f = self.history.forward
+        f[0], f[1] = f[0] + verify_seconds / verify_cost(drafted), f[1] + 1
 
     def alpha(self, certified: bool) -> float:
         """The measured acceptance rate of chain positions of a class, (accepted + 1) / (reached + 2)."""
         return (self.history.accepted[certified] + 1) / (self.history.reached[certified] + 2)
 
+    def alpha_mean(self) -> float:
+        """The measured acceptance rate of chain positions of either class (what a position not yet drafted
+        expects)."""
+        return (sum(self.history.accepted) + 1) / (sum(self.history.reached) + 2)
+
+    def rate(self, fixed: float, c: float) -> float:
+        """lambda: tokens per target forward over the latest steps, each step's cost modelled as F + V + n c (F + 1
+        without a draft); at least 1, the rate of plain decoding, which is always available."""
+        steps = self.history.yields
+        cost = sum(fixed + (VERIFY_COST + n * c if n else 1.0) for n, _ in steps)
+        return max(1.0, sum(emitted for _, emitted in steps) / cost) if steps else 1.0
+
+    def pays(self, depth: int, survive: float) -> bool:
+        """Whether drafting on at ``depth`` (its token surviving with probability ``survive``) pays for some chain
+        length k + h (h = 1 .. what is left), the positions after this one expected at the mean rate: whether the
+        tokens they add exceed lambda times their cost (module docstring)."""
+        c, ahead = self._costs[1], self.alpha_mean()
+        first = VERIFY_COST - 1 if depth == 0 else 0.0  # the first drafted token turns the forward into a verification
+        gain, term = 0.0, survive
+        for h in range(1, max(1, self.depths - depth) + 1):
+            gain, term = gain + term, term * ahead
+            if gain > self._rate * (first + h * c):
+                return True
+        return False
+
     def _chain_width(self, depth: int, q: torch.Tensor) -> int:
         if depth == 0:
-            self._drafted, self._stop, self._survive, self._expected = [], None, 1.0, 1.0
+            self._drafted, self._stop, self._survive = [], None, 1.0
+            self._costs = self.costs()
+            self._rate = self.rate(*self._costs)
         certified = self.eps_hat > 0 and float(drafter_certificate(q, 1)) > self.eps_hat
-        survive, c = self._survive * self.alpha(certified), self.cost
-        spent = VERIFY_COST + depth * c if depth else 1.0  # C_k: the step's cost so far, in target forwards
-        extra = c + (VERIFY_COST - 1 if depth == 0 else 0.0)  # C_{k+1} - C_k: the first draft makes verifying dear
-        if self.eps_hat > 0 and survive / extra <= self._expected / spent:
+        survive = self._survive * self.alpha(certified)
+        if self.eps_hat > 0 and not self.pays(depth, survive):
             self._stop = (certified, int(q.argmax()))  # what it would have drafted: verification still tells
             return 0
-        self._survive, self._expected = survive, self._expected + survive
+        self._survive = survive
         self._drafted.append(certified)
         return 1
 
@@ -223,10 +282,13 @@ class CertifiedSchedule(Schedule):
         return True
 
     def observe(self, tree, target_logits, path):
-        # A drafter that certified nothing is not even run for a while: 1, 2, 4, ... 32 steps, until it drafts again.
-        self._backoff = 0 if tree.tokens else min(max(1, 2 * self._backoff), 32)
+        # A drafter that drafted nothing is not even run for a while: 1, 2, 4, ... 32 steps, until it drafts again;
+        # not a chain's drafter whose drafting pays (lambda > 1): this one position did not.
+        self._backoff = 0 if tree.tokens or self._rate > 1 else min(max(1, 2 * self._backoff), 32)
         self._skip = self._backoff
         h, counts = self.history, self.counts
+        if self.max_width == 1:
+            h.yields.append((len(tree.tokens), len(path) + 1))
         drafted, self._drafted = self._drafted, []  # a chain's positions: certified or not
         stop, self._stop = self._stop, None
         if self.max_width == 1 and self.eps_hat > 0:  # the chain's acceptance by class (before eps_hat moves)
@@ -237,6 +299,8 @@ class CertifiedSchedule(Schedule):
                 seen.append((certified, int(target_logits[len(path)].argmax()) == token))
             for certified, accepted in seen:
                 name = "certified" if certified else "uncertified"
+                h.reached[certified] *= 1 - 1 / RECENT  # older positions of the class weigh less (RECENT)
+                h.accepted[certified] *= 1 - 1 / RECENT
                 h.reached[certified] += 1
                 h.accepted[certified] += accepted
                 counts[f"{name}_reached"] += 1

@@ -223,6 +223,14 @@ def test_certified_chain_drafts_while_its_tokens_beat_the_drafters_rate():
     assert 0.95 < s._rate * (VERIFY_COST - 1 + 0.3) and s.pays(0, 0.95)
     s.history.reached, s.history.accepted = [0.0, 100.0], [0.0, 50.0]
     assert not s.pays(0, 0.95)
+    s.history.yields.clear()
+    s.history.yields.extend([(12, 13)] * 4)
+    s.eps_hat, sure = 0.01, torch.tensor([[6.0, 0, 0, 0, 0, 0, 0, 0]])
+    s.widths(0, sure, 1, 100)
+    assert s._rate == pytest.approx(s.rate(0.0, 0.3)) > 2
+    s.room = 3  # the generation's last tokens: no long run to earn lambda in, plain decoding is the alternative
+    s.widths(0, sure, 1, 100)
+    assert s._rate == 1.0
 
 
 def test_certified_chain_learns_from_where_it_stopped():
@@ -250,7 +258,7 @@ def test_certified_chain_learns_from_where_it_stopped():
 
 def test_certified_chain_follows_the_text_being_generated():
     """The acceptance rates weigh recent positions most (schedules.RECENT): after a long run of accepted uncertified
-    drafts, a few dozen rejected ones bring the measured rate down to where the chain stops at them."""
+    drafts, a run of rejected ones brings the measured rate down to where the chain stops at them."""
     from specert.drafters import DraftTree
     from specert.schedules import RECENT, CertifiedSchedule
 

@@ -26,7 +26,7 @@ A tree position gets the smallest certified width. After a step that drafted not
 
 The certified chain stops where drafting stops paying. A position is *certified* when D_q(1) > eps_hat; the schedule
 measures how often drafted tokens were accepted at certified positions (alpha_c, near 1 when eps_hat is right) and
-at uncertified ones (alpha_u), each as (accepted + 1) / (reached + 2) over about the latest ``RECENT`` (64) chain
+at uncertified ones (alpha_u), each as (accepted + 1) / (reached + 2) over about the latest ``RECENT`` (256) chain
 positions of its class (older ones decay), so that they follow the text being generated. Where a chain stops, the
 drafter has already computed its next token and the target's forward computes its own greedy token there for free
 (the bonus token): every stop after a fully accepted chain is a measured position too, so alpha_u is learnt without
@@ -115,7 +115,7 @@ VERIFY_TOKEN_COST = 0.01
 # than code) instead of everything the drafter ever drafted. Per class, not over both: uncertified positions are
 # rare with a close drafter, and a window over all positions would leave them a few samples and the estimate its
 # prior of 1/2.
-RECENT = 64
+RECENT = 256
 
 
 def verify_cost(drafted: int) -> float:
@@ -248,7 +248,9 @@ class CertifiedSchedule(Schedule):
         if depth == 0:
             self._drafted, self._stop, self._survive = [], None, 1.0
             self._costs = self.costs()
-            self._rate = self.rate(*self._costs)
+            # near the end of the generation there is no long run to earn lambda in: what the chain does not
+            # draft, plain decoding (rate 1) must produce
+            self._rate = self.rate(*self._costs) if self.room >= self.max_depth else 1.0
         certified = self.eps_hat > 0 and float(drafter_certificate(q, 1)) > self.eps_hat
         survive = self._survive * self.alpha(certified)
         if self.eps_hat > 0 and not self.pays(depth, survive):

@@ -265,7 +265,7 @@ def test_certified_chain_follows_the_text_being_generated():
     unsure = torch.tensor([0.0, 0, 1.0, 0.9, 0, 0, 0, 0])  # would draft token 2
     s = CertifiedSchedule(max_depth=8, cost=0.3)
     s.eps_hat = 100.0  # nothing is certified
-    s.history.reached, s.history.accepted = [60.0, 0.0], [57.0, 0.0]  # 95% accepted (60: about a full window)
+    s.history.reached, s.history.accepted = [60.0, 0.0], [57.0, 0.0]  # 95% of 60 accepted
     assert s.widths(0, unsure[None], 1, 100) == [1]
     target = torch.zeros(2, 8)
     target[0, 3] = 5.0  # the target wants 3: the drafted 2 is rejected

@@ -159,7 +159,7 @@ class History:
     drafter: a server learns its drafter once, not per request)."""
 
     kls: deque = field(default_factory=lambda: deque(maxlen=512))  # KL(p || q) at the latest verified positions
-    reached: list = field(default_factory=lambda: [0.0, 0.0])  # chain positions reached, [uncertified, certified],
+    reached: list = field(default_factory=lambda: [0.0, 0.0])  # chain positions reached, [uncertified, certified]
     accepted: list = field(default_factory=lambda: [0.0, 0.0])  # ... and accepted; both decayed (RECENT)
     steps: deque = field(default_factory=lambda: deque(maxlen=256))  # (drafted, seconds outside the target's
     # forward) of the latest steps
@@ -185,7 +185,7 @@ class CertifiedSchedule(Schedule):
                            uncertified_reached=0, uncertified_accepted=0)  # this generation's (the audit)
         self._drafted: list[bool] = []  # this step's chain: certified or not, per position
         self._stop: tuple[bool, int] | None = None  # where it stopped: (certified, the drafter's token there)
-        self._backoff = self._skip = 0  # steps to decode without the drafter after it certified nothing
+        self._backoff = self._skip = 0  # steps to decode without the drafter after it drafted nothing
         self._costs, self._rate = (0.0, 0.0), 1.0  # (F, c) and lambda for this step
 
     def costs(self) -> tuple[float, float]:

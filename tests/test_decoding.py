@@ -372,20 +372,73 @@ def test_ngram_chain_copies_a_span():
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
-def test_decode_step_is_the_forward_of_one_token(arch):
-    """The drafters' one-token path runs the same modules as transformers' forward: same logits, same cache."""
-    from specert.models import can_step, decode_step, forward, new_cache
+def test_decode_step_is_transformers_forward(arch, monkeypatch):
+    """The lean path (one token, a causal run of a few, a tree under a mask), which :func:`forward` takes after a
+    non-empty cache, runs the same modules as transformers' forward: same logits, same cache."""
+    from specert import models
+    from specert.drafters import ancestors
     from specert.quantized import quantized_copy
 
+    def transformers_forward(model, cache, tokens, positions=None, attend=None):
+        with monkeypatch.context() as m:
+            m.setattr(models, "can_step", lambda model: False)
+            return models.forward(model, cache, tokens, positions, attend)
+
     target = tiny_model(arch, seed=6)
+    past = len(PROMPT) - 1
+    tree = [-1, -1, 0, 0, 1]  # the root (the context's last token) and 5 drafted nodes
+    attend = torch.zeros(6, past + 6, dtype=torch.bool)
+    attend[:, : past + 1] = True
+    attend[1:, past + 1 :] = ancestors(tree)
+    positions = [past] + [past + 1 + d for d in (0, 0, 1, 1, 1)]
+    runs = [([PROMPT[-1]], None, None), ([PROMPT[-1], 8, 9], None, None),
+            ([PROMPT[-1], 11, 12, 13, 14, 15], positions, attend)]
     for model in (target.model, quantized_copy(target.model, 4), layer_skip_view(target.model, 2)):
-        assert can_step(model)
-        a, b = new_cache(model), new_cache(model)
-        forward(model, a, PROMPT)
-        forward(model, b, PROMPT)
-        for token in (7, 8, 9):
-            ref, got = forward(model, a, [token])[0], decode_step(model, b, token)
+        assert models.can_step(model)
+        for tokens, where, mask in runs:
+            a, b = models.new_cache(model), models.new_cache(model)
+            transformers_forward(model, a, PROMPT[:-1])
+            transformers_forward(model, b, PROMPT[:-1])
+            ref = transformers_forward(model, a, tokens, where, mask)
+            got = models.forward(model, b, tokens, where, mask)
+            assert got.shape == ref.shape == (len(tokens), target.vocab_size)
             assert torch.allclose(got, ref, atol=1e-6 * float(ref.abs().max()))
-        for x, y in zip(a.layers, b.layers):
-            assert torch.allclose(x.keys, y.keys) and torch.allclose(x.values, y.values)
-    assert not can_step(torch.nn.Linear(2, 2))
+            for x, y in zip(a.layers, b.layers):
+                assert torch.allclose(x.keys, y.keys) and torch.allclose(x.values, y.values)
+    assert not models.can_step(torch.nn.Linear(2, 2))
+
+
+def test_a_tree_drafters_next_proposal_keeps_the_accepted_path(monkeypatch):
+    """A model drafter scores each tree node as its path run causally. After a tree, it keeps the entries of the
+    accepted nodes it ran (the path's causal entries) and runs only the rest: its next proposal equals that of a
+    drafter synced from scratch."""
+    target = tiny_model("llama", seed=3)
+    drafter, fresh = (ModelDrafter(layer_skip_view(target.model, 2), "layerskip:2") for _ in range(2))
+    shape = dict(tree="2,2,1")
+    tree = drafter.propose(list(PROMPT), make_schedule(**shape))
+    for node in range(len(tree.tokens)):  # every node is scored as its path run causally (positions, mask)
+        if tree.expanded[node + 1]:
+            path, up = [], node
+            while up >= 0:
+                path, up = [tree.tokens[up]] + path, tree.parents[up]
+            causal = fresh.propose(list(PROMPT) + path, make_schedule(k=1)).logits[0]
+            assert torch.allclose(tree.logits[node + 1], causal, atol=1e-9), node
+    first = 0
+    second = next(i for i, p in enumerate(tree.parents) if p == first)
+    deepest = next(i for i, p in enumerate(tree.parents) if p == second)  # a leaf: never run by the drafter
+    ran, run = [], ModelDrafter._run
+    monkeypatch.setattr(ModelDrafter, "_run", lambda self, tokens: ran.append(len(tokens)) or run(self, tokens))
+    for accepted, runs in (([first, second], 1), ([first, second, deepest], 2), ([first], 1)):
+        drafter.propose(list(PROMPT), make_schedule(**shape))
+        context = list(PROMPT) + [tree.tokens[i] for i in accepted] + [7]  # + the bonus token
+        ran.clear()
+        got = drafter.propose(context, make_schedule(**shape))
+        assert ran[0] == runs, accepted  # the catch-up: the bonus token (and a leaf, which was never run)
+        want = fresh.propose(context, make_schedule(**shape))
+        assert got.tokens == want.tokens and got.parents == want.parents
+        assert torch.allclose(got.logits, want.logits, atol=1e-9, equal_nan=True)
+    # a context that does not continue the tree keeps none of it
+    drafter.propose(list(PROMPT), make_schedule(**shape))
+    other = list(PROMPT[:-1]) + [3, 4]
+    assert torch.allclose(drafter.propose(other, make_schedule(**shape)).logits,
+                          fresh.propose(other, make_schedule(**shape)).logits, atol=1e-9, equal_nan=True)

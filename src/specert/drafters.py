@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from specert.models import LoadedModel, cache_length, can_step, decode_step, forward, keep_cache, load_model, new_cache
+from specert.models import LoadedModel, cache_length, forward, keep_cache, load_model, new_cache
 from specert.quantized import PREFILL_ROWS, quantized_copy
 from specert.schedules import History, Schedule
 
@@ -104,13 +104,17 @@ class ModelDrafter(Drafter):
     A drafter made of the target's own first layers (``layers_of_target``: a layer-skip view, a quantized copy)
     starts each prompt from the target's KV cache of it: its layers compute the same entries (a quantized copy
     runs prompts on the shared float weights), so a long prompt is not prefilled twice.
+
+    A tree's entries stay in the cache after its proposal (node i at slot ``base + i``, each computed seeing only
+    its ancestors, so a path's entries are those of the path run causally): the next proposal keeps the accepted
+    path's and drops the rest, instead of running the path again.
     """
 
     def __init__(self, model: torch.nn.Module, spec: str, layers_of_target: bool = False):
         self.model, self.spec, self.layers_of_target = model, spec, layers_of_target
-        self.steps = can_step(model)  # single tokens through decode_step
         self.cache = new_cache(model)
         self.cached: list[int] = []  # tokens whose keys and values the cache holds
+        self.tree: tuple | None = None  # (base, tokens, parents, nodes run) of the last tree, its entries cached
 
     def target_prefilled(self, tokens, cache):
         if not self.layers_of_target:
@@ -118,10 +122,12 @@ class ModelDrafter(Drafter):
         self.cache = new_cache(self.model)
         for i, layer in enumerate(cache.layers[: self.model.config.num_hidden_layers]):
             self.cache.update(layer.keys.clone(), layer.values.clone(), i)
-        self.cached = list(tokens)
+        self.cached, self.tree = list(tokens), None
 
     def _sync(self, context: list[int]) -> torch.Tensor:
         """Bring the cache to ``context`` and return the logits after it ``[V]``."""
+        if self.tree is not None:
+            self._keep_path(context)
         same = 0
         limit = min(len(self.cached), len(context) - 1)  # always re-run at least the last token for its logits
         while same < limit and self.cached[same] == context[same]:
@@ -131,10 +137,22 @@ class ModelDrafter(Drafter):
         self.cached = list(context)
         return logits[-1]
 
+    def _keep_path(self, context: list[int]) -> None:
+        """Keep the entries of the last tree's nodes that ``context`` continues with (its accepted path, as far
+        as those nodes were run), drop the others."""
+        base, tokens, parents, run = self.tree
+        self.tree, path, node = None, [], -1
+        if self.cached == context[:base]:
+            for token in context[base:]:
+                node = next((i for i in range(run) if parents[i] == node and tokens[i] == token), None)
+                if node is None:
+                    break
+                path.append(node)
+        keep_cache(self.cache, base, [base + i for i in path])
+        self.cached = self.cached[:base] + [tokens[i] for i in path]
+
     def _run(self, tokens: list[int]) -> torch.Tensor:
         """Logits ``[len(tokens), V]`` after running ``tokens`` causally after the cache."""
-        if len(tokens) == 1 and self.steps and cache_length(self.cache):
-            return decode_step(self.model, self.cache, tokens[0])[None]
         return forward(self.model, self.cache, tokens)
 
     @torch.inference_mode()
@@ -164,20 +182,20 @@ class ModelDrafter(Drafter):
             frontier = list(range(level_start, len(tokens)))
             if not frontier or depth == schedule.depths - 1:
                 break
-            rows += self._score_level(tokens, parents, frontier, base, depth + 1)
+            rows += self._score_level(tokens, parents, frontier, base, depth)
         n = len(tokens)
         if is_chain(parents):  # a chain: its entries are the context's if accepted
             self.cached = list(context) + tokens[: cache_length(self.cache) - base]
-        else:
-            keep_cache(self.cache, base, [])  # drop the tree's entries: the next context re-syncs
-            self.cached = list(context)
+        else:  # its accepted path's entries are kept at the next proposal
+            self.cached, self.tree = list(context), (base, tokens, parents, cache_length(self.cache) - base)
         logits = torch.stack(rows + [torch.full_like(rows[0], float("nan"))] * (1 + n - len(rows)))
         expanded = [True] * len(rows) + [False] * (1 + n - len(rows))
         return DraftTree(tokens, parents, logits, expanded)
 
     def _score_level(self, tokens, parents, level, base, depth) -> list[torch.Tensor]:
-        """Logits after each node of one level, in one forward; earlier levels are in the cache, node i at slot
-        ``base + i``, and each node sees the context, its ancestors and itself."""
+        """Logits after each node of one level (``depth`` in the tree: the root's children are at 0, position
+        ``base``), in one forward; earlier levels are in the cache, node i at slot ``base + i``, and each node sees
+        the context, its ancestors and itself."""
         if len(level) == 1 and is_chain(parents[: level[0] + 1]):
             return list(self._run([tokens[level[0]]]))  # a chain: a plain causal step
         past = cache_length(self.cache)

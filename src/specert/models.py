@@ -215,8 +215,8 @@ def decode_step(model, cache, tokens: list[int], positions: list[int] | None = N
                 attend: torch.Tensor | None = None) -> torch.Tensor:
     """:func:`forward` of a few tokens after what a non-empty ``cache`` holds, their logits ``[len(tokens), V]``:
     the same modules and cache updates as transformers' forward (same logits, tested), without its per-call
-    machinery (mask building, hooks, keyword plumbing), which costs about 4 ms a call on 2 cores: a quarter of an
-    int4 drafter's token. Arguments as :func:`forward`; only for :func:`can_step` models."""
+    machinery (mask building, hooks, keyword plumbing), which costs 2-4 ms a call on 2 cores (one token / a few;
+    an int4 drafter's token takes about 16 ms). Arguments as :func:`forward`; only for :func:`can_step` models."""
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
     inner, n, past = model.model, len(tokens), cache_length(cache)

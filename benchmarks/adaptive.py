@@ -13,6 +13,7 @@ twice per round ("target again"): the ratio of two identical runs is the noise a
 from __future__ import annotations
 
 import argparse
+import math
 from collections import defaultdict
 from pathlib import Path
 
@@ -90,6 +91,9 @@ def main():
     names = [f"{s} {k}={v}" for s, shapes in shapes_of.items() for k, v in shapes]
     cats = list(by_cat)
 
+    def num(x):  # a schedule that drafted nothing in the timed runs has no acceptance figures
+        return f"{x:.2f}" if math.isfinite(x) else "- (no drafts)"
+
     def speed(cat, name):
         return tokens[cat, name] / seconds[cat, name] / (tokens[cat, "target"] / seconds[cat, "target"])
 
@@ -109,9 +113,9 @@ def main():
                   + " |")
         print(f"| **all** | {overall('target again'):.2f} | " + " | ".join(f"**{overall(c):.2f}**" for c in cols)
               + " |")
-        print("| mean acceptance length | | " + " | ".join(f"{metrics[c].mean_acceptance_length:.2f}" for c in cols)
+        print("| mean acceptance length | | " + " | ".join(num(metrics[c].mean_acceptance_length) for c in cols)
               + " |")
-        print("| target tokens / accepted | | " + " | ".join(f"{metrics[c].target_tokens_per_accepted:.2f}"
+        print("| target tokens / accepted | | " + " | ".join(num(metrics[c].target_tokens_per_accepted)
                                                          for c in cols) + " |")
         fixed = [c for c in cols if "auto" not in c and "heuristic" not in c]
         best = max(fixed, key=overall)

@@ -373,16 +373,16 @@ def test_ngram_chain_copies_a_span():
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
 def test_decode_step_is_transformers_forward(arch, monkeypatch):
-    """The lean path (one token, a causal run of a few, a tree under a mask), which :func:`forward` takes after a
-    non-empty cache, runs the same modules as transformers' forward: same logits, same cache."""
+    """The lean path (one token, a causal run of a few, a tree under a mask), which :func:`forward_features` takes
+    after a non-empty cache, runs the same modules as transformers' forward: same logits, hidden states and cache."""
     from specert import models
     from specert.drafters import ancestors
     from specert.quantized import quantized_copy
 
-    def transformers_forward(model, cache, tokens, positions=None, attend=None):
+    def transformers_forward(model, cache, tokens, positions=None, attend=None, layers=()):
         with monkeypatch.context() as m:
             m.setattr(models, "can_step", lambda model: False)
-            return models.forward(model, cache, tokens, positions, attend)
+            return models.forward_features(model, cache, tokens, layers, positions, attend)
 
     target = tiny_model(arch, seed=6)
     past = len(PROMPT) - 1
@@ -393,16 +393,24 @@ def test_decode_step_is_transformers_forward(arch, monkeypatch):
     positions = [past] + [past + 1 + d for d in (0, 0, 1, 1, 1)]
     runs = [([PROMPT[-1]], None, None), ([PROMPT[-1], 8, 9], None, None),
             ([PROMPT[-1], 11, 12, 13, 14, 15], positions, attend)]
-    for model in (target.model, quantized_copy(target.model, 4), layer_skip_view(target.model, 2)):
+    view = layer_skip_view(target.model, 2)
+    for model in (target.model, quantized_copy(target.model, 4), view):
         assert models.can_step(model)
+        # the embeddings, a layer's output, the final states (hidden states are read from targets, not views)
+        layers = (0, 1, model.config.num_hidden_layers) if model is not view else ()
         for tokens, where, mask in runs:
             a, b = models.new_cache(model), models.new_cache(model)
             transformers_forward(model, a, PROMPT[:-1])
             transformers_forward(model, b, PROMPT[:-1])
-            ref = transformers_forward(model, a, tokens, where, mask)
-            got = models.forward(model, b, tokens, where, mask)
+            ref, ref_states = transformers_forward(model, a, tokens, where, mask, layers)
+            got, states = models.forward_features(model, b, tokens, layers, where, mask)
             assert got.shape == ref.shape == (len(tokens), target.vocab_size)
             assert torch.allclose(got, ref, atol=1e-6 * float(ref.abs().max()))
+            if layers:
+                assert states.shape == ref_states.shape == (len(tokens), 3 * model.config.hidden_size)
+                assert torch.allclose(states, ref_states, atol=1e-6 * float(ref_states.abs().max()))
+            assert torch.equal(models.forward(model, models.new_cache(model), PROMPT), models.forward_features(
+                model, models.new_cache(model), PROMPT, ())[0])  # an empty cache: transformers' own forward
             for x, y in zip(a.layers, b.layers):
                 assert torch.allclose(x.keys, y.keys) and torch.allclose(x.values, y.values)
     assert not models.can_step(torch.nn.Linear(2, 2))

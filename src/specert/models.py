@@ -175,12 +175,12 @@ def forward_features(model, cache, tokens: list[int], layers: tuple[int, ...], p
     (index 0 is the embeddings, ``num_hidden_layers`` the final normalised states), or None if ``layers`` is empty.
 
     With ``last_only`` the logits are the last token's alone, ``[1, V]`` (a prefill: the LM head over a whole
-    prompt costs as much as a few decoding steps). Tokens after a non-empty cache, without hidden states, run
-    through :func:`decode_step` when the model allows it (verifications, drafters catching up, tree levels).
+    prompt costs as much as a few decoding steps). Tokens after a non-empty cache run through :func:`decode_step`
+    when the model allows it (verifications, drafters catching up, tree levels).
     """
     past = cache_length(cache)
-    if past and not layers and not last_only and can_step(model):
-        return decode_step(model, cache, tokens, positions, attend), None
+    if past and not last_only and can_step(model):
+        return decode_step(model, cache, tokens, positions, attend, layers)
     ids = torch.tensor([tokens], dtype=torch.long)
     kwargs = {_cache_kwarg(model): cache, "use_cache": True}
     if positions is not None:
@@ -212,11 +212,12 @@ def can_step(model) -> bool:
 
 @torch.inference_mode()
 def decode_step(model, cache, tokens: list[int], positions: list[int] | None = None,
-                attend: torch.Tensor | None = None) -> torch.Tensor:
-    """:func:`forward` of a few tokens after what a non-empty ``cache`` holds, their logits ``[len(tokens), V]``:
-    the same modules and cache updates as transformers' forward (same logits, tested), without its per-call
-    machinery (mask building, hooks, keyword plumbing), which costs 2-4 ms a call on 2 cores (one token / a few;
-    an int4 drafter's token takes about 16 ms). Arguments as :func:`forward`; only for :func:`can_step` models."""
+                attend: torch.Tensor | None = None, layers: tuple[int, ...] = ()):
+    """:func:`forward_features` of a few tokens after what a non-empty ``cache`` holds: (logits
+    ``[len(tokens), V]``, hidden states of ``layers`` or None), from the same modules and cache updates as
+    transformers' forward (same values, tested), without its per-call machinery (mask building, hooks, keyword
+    plumbing), which costs 2-4 ms a call on 2 cores (one token / a few; an int4 drafter's token takes about 16 ms).
+    Arguments as :func:`forward_features`; only for :func:`can_step` models."""
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
     inner, n, past = model.model, len(tokens), cache_length(cache)
@@ -226,6 +227,7 @@ def decode_step(model, cache, tokens: list[int], positions: list[int] | None = N
     if attend is None and n > 1:
         attend = torch.ones(n, past + n, dtype=torch.bool).tril(past)  # causal after the cache
     mask = None if attend is None else attend[None, None]  # True: attended
+    states = [x]  # transformers' hidden_states: the embeddings, then each layer's output (the last one normalised)
     for i, layer in enumerate(inner.layers):
         attn = layer.self_attn
         h = layer.input_layernorm(x)
@@ -239,8 +241,11 @@ def decode_step(model, cache, tokens: list[int], positions: list[int] | None = N
                                                              enable_gqa=True)
         x = x + attn.o_proj(o.transpose(1, 2).reshape(1, n, -1))
         x = x + layer.mlp(layer.post_attention_layernorm(x))
-    logits = model.lm_head(inner.norm(x))[0]
-    return logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
+        states.append(x)
+    states[-1] = inner.norm(x)
+    logits = model.lm_head(states[-1])[0]
+    feats = torch.cat([states[i][0] for i in layers], -1).float() if layers else None
+    return (logits if logits.dtype in (torch.float32, torch.float64) else logits.float()), feats
 
 
 @torch.inference_mode()

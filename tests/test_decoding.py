@@ -191,7 +191,7 @@ def test_certified_chain_runs_past_the_certificate_only_while_it_pays():
     assert s.widths(0, unsure[None], 1, 100) == [0]  # a draft right 31% of the time cannot pay for verifying it
     s.fixed_cost = None  # measured: drafting seconds per token over a one-token forward, plus verification
     s.timed(0.2, 0.5 * (VERIFY_COST + VERIFY_TOKEN_COST * 8), 8)  # a one-token forward: 0.5 s
-    assert s.cost == pytest.approx(0.2 / 8 / 0.5 + VERIFY_TOKEN_COST)  # one length: all of it per token
+    assert s.costs()[1] == pytest.approx(0.2 / 8 / 0.5 + VERIFY_TOKEN_COST)  # one length: all of it per token
     for n in (2, 4, 12):  # lengths that vary: 0.1 s per step and 0.0125 s per token
         s.timed(0.1 + 0.0125 * n, 0.5 * (VERIFY_COST + VERIFY_TOKEN_COST * n), n)
     s.history.steps.popleft()

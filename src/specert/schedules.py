@@ -205,11 +205,6 @@ class CertifiedSchedule(Schedule):
             a, b = 0.0, y.sum() / n.sum()
         return a / one, b / one + VERIFY_TOKEN_COST
 
-    @property
-    def cost(self) -> float:
-        """A drafted token's marginal cost relative to a one-token target forward (:meth:`costs`)."""
-        return self.costs()[1]
-
     def timed(self, draft_seconds, verify_seconds, drafted):
         self.history.steps.append((drafted, draft_seconds))
         f = self.history.forward

@@ -69,3 +69,26 @@ def test_batched_greedy_equals_one_prompt_at_a_time():
     for prompt, row in zip(prompts, rows):
         assert row == generate(target, prompt, None, max_new_tokens=12).tokens
     assert len(rows[1]) == 3
+
+
+def test_linear_is_the_modules_product_in_another_layout():
+    """:func:`specert.models.linear` computes ``x W^T + b`` as ``(W x^T)^T + b`` for float32 Linear layers (one row
+    doubled), for any leading shape; other modules and dtypes run through their own forward."""
+    from specert.models import linear
+    from specert.quantized import quantized_copy
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(64, 48)
+    for shape in ((64,), (1, 1, 64), (1, 2, 64), (1, 5, 64), (3, 4, 64)):
+        x = torch.randn(shape)
+        got = linear(layer, x)
+        assert got.shape == (*shape[:-1], 48) and got.is_contiguous()
+        torch.testing.assert_close(got, layer(x), rtol=1e-5, atol=1e-5)
+    half = torch.nn.Linear(64, 48).to(torch.bfloat16)
+    x = torch.randn(1, 3, 64, dtype=torch.bfloat16)
+    assert torch.equal(linear(half, x), half(x))
+    model = quantized_copy(tiny_model("llama", seed=1).model, 4)
+    q = model.model.layers[0].self_attn.q_proj
+    assert type(q) is not torch.nn.Linear  # an int4 layer: its own kernel
+    x = torch.randn(1, 2, q.in_features)
+    assert torch.equal(linear(q, x), q(x))

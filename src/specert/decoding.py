@@ -72,13 +72,6 @@ def _longest_path(tree: DraftTree, ok: list[bool], score: list[float]) -> list[i
         path.append(pos)
 
 
-# NOTE: CPU matrix kernels run a few rows at uneven speed: on 2 cores a 135M forward of 2 or 3 tokens took 1.6x and
-# 2.0x one of 1 token, but 4 tokens 1.4x and 5 to 8 tokens 1.3-1.4x (benchmarks/speed.py prints the table).
-# Verification of 2 or 3 tokens is padded to this many with tokens nobody attends to; their cache entries are
-# dropped with the rejected ones.
-VERIFY_MIN_TOKENS = 4
-
-
 @torch.inference_mode()
 def _step(target, cache, drafter: Drafter, r: Rule, context: list[int], schedule: Schedule):
     """One speculative step: returns (emitted tokens, tree, target logits [1 + N, V], path)."""
@@ -87,19 +80,16 @@ def _step(target, cache, drafter: Drafter, r: Rule, context: list[int], schedule
     t1 = time.perf_counter()
     past = cache_length(cache)
     n = len(tree.tokens)
-    pad = max(0, VERIFY_MIN_TOKENS - 1 - n) if n else 0
     chain = is_chain(tree.parents)
     attend, positions = None, None
     if not chain:  # 2. verify every node in one forward: each sees the context, its ancestors and itself
-        attend = torch.zeros(1 + n + pad, past + 1 + n + pad, dtype=torch.bool)
+        attend = torch.zeros(1 + n, past + 1 + n, dtype=torch.bool)
         attend[:, :past + 1] = True  # the context and its last token (the root)
-        attend[1 : 1 + n, past + 1 : past + 1 + n] = ancestors(tree.parents)
-        attend[1 + n :, past + 1 + n :] = torch.eye(pad, dtype=torch.bool)  # padding sees itself (nobody sees it)
-        positions = [past] + [past + 1 + d for d in tree.depth] + [past + 1] * pad
-    tokens = [context[-1]] + tree.tokens + [context[-1]] * pad  # chain padding comes last: causal, seen by no one
+        attend[1:, past + 1:] = ancestors(tree.parents)
+        positions = [past] + [past + 1 + d for d in tree.depth]
+    tokens = [context[-1]] + tree.tokens
     logits, states = forward_features(target.model, cache, tokens, drafter.feature_layers, positions, attend)
     t2 = time.perf_counter()
-    logits = logits[: 1 + n]  # [1 + N, V]; states [1 + N + pad, nl * H] or None
     if n:  # 3. accept: each node judged at its parent's position
         parent_rows = torch.tensor([p + 1 for p in tree.parents])
         drafted = torch.tensor(tree.tokens)
@@ -145,7 +135,7 @@ def generate(target: LoadedModel, prompt: list[int], drafter: Drafter | None = N
         raise ValueError("the prompt is empty")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    drafts = schedule.max_nodes + VERIFY_MIN_TOKENS if schedule else 0
+    drafts = schedule.max_nodes if schedule else 0
     if len(prompt) + max_new_tokens + drafts > target.context_length:
         raise ValueError(
             f"prompt ({len(prompt)} tokens) + max_new_tokens ({max_new_tokens}) + drafts exceed the context of "

@@ -105,10 +105,11 @@ class Schedule:
 
 
 # NOTE: on 2 CPU cores a target forward that verifies n >= 1 drafted tokens costs about VERIFY_COST + n *
-# VERIFY_TOKEN_COST forwards of one token (embedded model; n < 4 is padded to a forward of 4: 4 tokens 1.38-1.46x,
-# 8: 1.32-1.48x, 12: 1.47-1.50x, 16: 1.54-1.56x); benchmarks/speed.py prints the table. On a GPU both are near 0.
-VERIFY_COST = 1.4
-VERIFY_TOKEN_COST = 0.01
+# VERIFY_TOKEN_COST forwards of one token (embedded model, models.linear's layout; relative to one token, forwards of
+# 2 tokens took 0.98-1.00, 4: 1.25-1.34, 5: 1.49-1.63, 8: 1.89-2.07, 9: 2.40-2.55, three prompts); benchmarks/speed.py
+# prints the table. On a GPU both are near 0.
+VERIFY_COST = 0.8
+VERIFY_TOKEN_COST = 0.19
 
 # Each class's acceptance rate weighs its chain position j positions ago (of that class) by (1 - 1 / RECENT)^j: about
 # its latest RECENT positions count, so the rates follow the text being generated (a translation is drafted worse

@@ -385,7 +385,9 @@ def test_decode_step_is_transformers_forward(arch, monkeypatch):
     runs = [([PROMPT[-1]], None, None), ([PROMPT[-1], 8, 9], None, None),
             ([PROMPT[-1], 11, 12, 13, 14, 15], positions, attend)]
     view = layer_skip_view(target.model, 2)
-    for model in (target.model, quantized_copy(target.model, 4), view):
+    quantized = quantized_copy(target.model, 4)
+    assert hasattr(quantized.model.layers[0].self_attn, "qkv")  # the lean path runs its fused products
+    for model in (target.model, quantized, view):
         assert models.can_step(model)
         # the embeddings, a layer's output, the final states (hidden states are read from targets, not views)
         layers = (0, 1, model.config.num_hidden_layers) if model is not view else ()

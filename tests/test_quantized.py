@@ -64,6 +64,24 @@ def test_copy_shares_float_weights_and_leaves_the_model_alone():
         quantized_copy(target.model, 3)
 
 
+def test_fused_int4_products_are_the_parts_products():
+    """An int4 copy runs q, k, v (and gate, up) as one product for a few rows: exactly the parts' outputs; prompts
+    run through the parts."""
+    for arch in ("llama", "qwen3"):
+        copy4 = quantized_copy(tiny_model(arch, seed=4).model, 4)
+        for layer in copy4.model.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            for fused, parts in ((attn.qkv, (attn.q_proj, attn.k_proj, attn.v_proj)), (mlp.gate_up,
+                                                                                        (mlp.gate_proj, mlp.up_proj))):
+                for rows in (1, 3, PREFILL_ROWS):
+                    x = torch.randn(1, rows, parts[0].in_features, dtype=parts[0].float_weight.dtype)
+                    got = fused(x)
+                    assert len(got) == len(parts)
+                    for y, part in zip(got, parts):
+                        assert torch.equal(y, part(x))
+    assert not hasattr(quantized_copy(tiny_model("llama").model, 8).model.layers[0].self_attn, "qkv")  # int4 only
+
+
 def test_shapes_the_kernels_do_not_take_stay_float():
     model = torch.nn.Sequential(torch.nn.Linear(40, 64), torch.nn.Linear(64, 24), torch.nn.Linear(64, 32))
     model.get_output_embeddings = lambda: None

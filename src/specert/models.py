@@ -231,10 +231,12 @@ def linear(module, x: torch.Tensor) -> torch.Tensor:
 
 
 def _mlp(mlp, x: torch.Tensor) -> torch.Tensor:
-    """A gated MLP (llama, qwen3): ``down(act(gate(x)) * up(x))``, its products through :func:`linear`."""
+    """A gated MLP (llama, qwen3): ``down(act(gate(x)) * up(x))``, its products through :func:`linear` (gate and up
+    in one product for an int4 copy, :class:`~specert.quantized.FusedInt4`)."""
     if not all(hasattr(mlp, name) for name in ("gate_proj", "up_proj", "down_proj", "act_fn")):
         return mlp(x)
-    return linear(mlp.down_proj, mlp.act_fn(linear(mlp.gate_proj, x)) * linear(mlp.up_proj, x))
+    gate, up = mlp.gate_up(x) if hasattr(mlp, "gate_up") else (linear(mlp.gate_proj, x), linear(mlp.up_proj, x))
+    return linear(mlp.down_proj, mlp.act_fn(gate) * up)
 
 
 @torch.inference_mode()
@@ -260,11 +262,15 @@ def decode_step(model, cache, tokens: list[int], positions: list[int] | None = N
         attn = layer.self_attn
         h = layer.input_layernorm(x)
         shape = (1, n, -1, attn.head_dim)
-        q, k = linear(attn.q_proj, h).view(shape), linear(attn.k_proj, h).view(shape)
+        if hasattr(attn, "qkv"):  # an int4 copy's q, k, v in one product (quantized.FusedInt4)
+            q, k, v = attn.qkv(h)
+        else:
+            q, k, v = linear(attn.q_proj, h), linear(attn.k_proj, h), linear(attn.v_proj, h)
+        q, k = q.view(shape), k.view(shape)
         if hasattr(attn, "q_norm"):  # qwen3 normalises each head's queries and keys
             q, k = attn.q_norm(q), attn.k_norm(k)
         q, k = apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
-        k, v = cache.update(k, linear(attn.v_proj, h).view(shape).transpose(1, 2), i)
+        k, v = cache.update(k, v.view(shape).transpose(1, 2), i)
         o = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scaling,
                                                              enable_gqa=True)
         x = x + linear(attn.o_proj, o.transpose(1, 2).reshape(1, n, -1))

@@ -109,6 +109,31 @@ class Int4Linear(QuantizedLinear):
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, GROUP, self.scales_and_zeros)
 
 
+class FusedInt4(torch.nn.Module):
+    """Int4 layers that read the same input (q, k, v; gate, up) run as one product: one kernel call instead of
+    several, as gpt-fast's fused ``wqkv``. Groups run along a row, so the stacked rows have the parts' own grids and
+    the outputs are the parts' outputs exactly. ``forward`` returns them as a tuple; prompts (``PREFILL_ROWS`` rows
+    or more) run through the parts."""
+
+    def __init__(self, parts: list[Int4Linear]):
+        super().__init__()
+        self.parts = tuple(parts)  # the parent's modules, not registered again
+        self.sizes = [part.out_features for part in parts]
+        whole = torch.nn.Linear(parts[0].in_features, sum(self.sizes), bias=False)
+        whole.weight = torch.nn.Parameter(torch.cat([part.float_weight for part in parts]), requires_grad=False)
+        stacked = Int4Linear(whole)
+        self.register_buffer("packed", stacked.packed)
+        self.register_buffer("scales_and_zeros", stacked.scales_and_zeros)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        flat = x.reshape(-1, x.shape[-1])
+        if len(flat) >= PREFILL_ROWS:
+            return tuple(part(x) for part in self.parts)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat.to(ACTIVATIONS), self.packed, GROUP,
+                                                        self.scales_and_zeros)
+        return y.to(x.dtype).view(*x.shape[:-1], -1).split(self.sizes, -1)
+
+
 class Int8Linear(QuantizedLinear):
     """W stored as int8 rows, one scale per row (see the module docstring)."""
 
@@ -146,6 +171,12 @@ def quantized_copy(model: torch.nn.Module, bits: int) -> torch.nn.Module:
             parent, _, child = name.rpartition(".")
             replacement = (Int4Linear if width == 4 else Int8Linear)(module)
             setattr(copied.get_submodule(parent) if parent else copied, child, replacement)
+    for layer in getattr(getattr(copied, "model", None), "layers", ()):  # fused products for the lean path
+        for block, name, parts in ((layer.self_attn, "qkv", ("q_proj", "k_proj", "v_proj")),
+                                   (layer.mlp, "gate_up", ("gate_proj", "up_proj"))):
+            found = [getattr(block, part, None) for part in parts]
+            if all(type(f) is Int4Linear and f.bias is None for f in found):
+                setattr(block, name, FusedInt4(found))
     return copied
 
 

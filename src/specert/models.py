@@ -245,7 +245,7 @@ def decode_step(model, cache, tokens: list[int], positions: list[int] | None = N
     """:func:`forward_features` of a few tokens after what a non-empty ``cache`` holds: (logits
     ``[len(tokens), V]``, hidden states of ``layers`` or None), from the same modules and cache updates as
     transformers' forward (same values, tested), without its per-call machinery (mask building, hooks, keyword
-    plumbing), which costs 2-4 ms a call on 2 cores (one token / a few; an int4 drafter's token takes about 16 ms).
+    plumbing), which costs 2-4 ms a call on 2 cores (one token / a few; an int4 drafter's token takes 12-17 ms).
     Arguments as :func:`forward_features`; only for :func:`can_step` models. Float Linear layers run through
     :func:`linear` (the same products, in a faster layout)."""
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb

@@ -121,16 +121,14 @@ class FusedInt4(torch.nn.Module):
         self.sizes = [part.out_features for part in parts]
         whole = torch.nn.Linear(parts[0].in_features, sum(self.sizes), bias=False)
         whole.weight = torch.nn.Parameter(torch.cat([part.float_weight for part in parts]), requires_grad=False)
-        stacked = Int4Linear(whole)
-        self.register_buffer("packed", stacked.packed)
-        self.register_buffer("scales_and_zeros", stacked.scales_and_zeros)
+        self.stacked = Int4Linear(whole)
+        self.stacked.float_weight = None  # few rows only: prompts run through the parts
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         flat = x.reshape(-1, x.shape[-1])
         if len(flat) >= PREFILL_ROWS:
             return tuple(part(x) for part in self.parts)
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat.to(ACTIVATIONS), self.packed, GROUP,
-                                                        self.scales_and_zeros)
+        y = self.stacked.product(flat.to(ACTIVATIONS))
         return y.to(x.dtype).view(*x.shape[:-1], -1).split(self.sizes, -1)
 
 

@@ -231,10 +231,8 @@ def linear(module, x: torch.Tensor) -> torch.Tensor:
 
 
 def _mlp(mlp, x: torch.Tensor) -> torch.Tensor:
-    """A gated MLP (llama, qwen3): ``down(act(gate(x)) * up(x))``, its products through :func:`linear` (gate and up
-    in one product for an int4 copy, :class:`~specert.quantized.FusedInt4`)."""
-    if not all(hasattr(mlp, name) for name in ("gate_proj", "up_proj", "down_proj", "act_fn")):
-        return mlp(x)
+    """The gated MLP of the :func:`can_step` families (llama, qwen3): ``down(act(gate(x)) * up(x))``, its products
+    through :func:`linear` (gate and up in one product for an int4 copy, :class:`~specert.quantized.FusedInt4`)."""
     gate, up = mlp.gate_up(x) if hasattr(mlp, "gate_up") else (linear(mlp.gate_proj, x), linear(mlp.up_proj, x))
     return linear(mlp.down_proj, mlp.act_fn(gate) * up)
 

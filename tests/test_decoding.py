@@ -135,8 +135,9 @@ def test_certified_schedule_guarantee_and_economy(target, monkeypatch):
         for shape in (dict(k="auto"), dict(tree="auto:12")):
             out = generate(target, PROMPT, drafter, max_new_tokens=40, **shape)
             assert out.audit["held_covered"] == out.audit["held"]
-    close.history.forward = [10.0**6, 1]  # as if a target forward took 10^6 s and verifying a token were nearly
-    monkeypatch.setattr(schedules, "VERIFY_TOKEN_COST", 0.01)  # free (a GPU): drafting pays at any length
+    close.history.verifies.clear()  # as if a target forward took 10^6 s and verifying a token were nearly free (a
+    close.history.verifies.extend([(0, 10.0**6)] * schedules.MEASURED)  # GPU): drafting pays at any length
+    monkeypatch.setattr(schedules, "VERIFY_TOKEN_COST", 0.01)
     full = generate(target, PROMPT, close, max_new_tokens=40, k="auto:6")
     assert min(full.drafted[:-1]) == 6 and out.audit is not None
     auto = generate(target, PROMPT, far, max_new_tokens=40, k="auto:8")
@@ -199,13 +200,13 @@ def test_certified_chain_runs_past_the_certificate_only_while_it_pays(verify_cos
     assert widths(s) == [0]
     s.fixed_cost, s.history.reached, s.history.accepted = 0.1, [600, 0], [188, 0]  # the shipped head, measured
     assert s.widths(0, unsure[None], 1, 100) == [0]  # a draft right 31% of the time cannot pay for verifying it
-    s.fixed_cost = None  # measured: drafting seconds per token over a one-token forward, plus verification
+    s.fixed_cost = None  # measured: drafting seconds per token over a one-token forward
     s.timed(0.2, 0.5 * (VERIFY_COST + VERIFY_TOKEN_COST * 8), 8)  # a one-token forward: 0.5 s
-    assert s.costs()[1] == pytest.approx(0.2 / 8 / 0.5 + VERIFY_TOKEN_COST)  # one length: all of it per token
+    assert s.costs()[1] == pytest.approx(0.2 / 8 / 0.5)  # one length: all of it per token
     for n in (2, 4, 12):  # lengths that vary: 0.1 s per step and 0.0125 s per token
         s.timed(0.1 + 0.0125 * n, 0.5 * (VERIFY_COST + VERIFY_TOKEN_COST * n), n)
     s.history.steps.popleft()
-    assert s.costs() == pytest.approx((0.1 / 0.5, 0.0125 / 0.5 + VERIFY_TOKEN_COST))
+    assert s.costs() == pytest.approx((0.1 / 0.5, 0.0125 / 0.5))
     with pytest.raises(ValueError, match="cost"):
         CertifiedSchedule(cost=-1.0)
 
@@ -214,12 +215,12 @@ def test_certified_chain_drafts_while_its_tokens_beat_the_drafters_rate(verify_c
     """The stopping rule (specert.schedules): draft on while the tokens the next positions add beat lambda times
     their cost, lambda the rate of the latest steps (at least 1); the first draft pays for the verification, so the
     rule looks past it."""
-    from specert.schedules import VERIFY_COST, CertifiedSchedule
+    from specert.schedules import VERIFY_COST, VERIFY_TOKEN_COST, CertifiedSchedule
 
     s = CertifiedSchedule(max_depth=16, cost=0.3)
     assert s.rate(0.0, 0.3) == 1.0  # nothing measured: plain decoding's rate
-    s.history.yields.extend([(12, 13)] * 4)  # 13 tokens for 1.4 + 12 * 0.3 = 5 forwards per step
-    assert s.rate(0.0, 0.3) == pytest.approx(13 / (VERIFY_COST + 12 * 0.3))
+    s.history.yields.extend([(12, 13)] * 4)  # 13 tokens for 1.4 + 12 * (0.01 + 0.3) = 5.12 forwards per step
+    assert s.rate(0.0, 0.3) == pytest.approx(13 / (VERIFY_COST + 12 * (VERIFY_TOKEN_COST + 0.3)))
     s.history.yields.clear()
     s.history.yields.extend([(0, 1)] * 4)  # drafting nothing costs F on top of a plain forward: plain is better
     assert s.rate(0.5, 0.3) == 1.0
@@ -241,6 +242,40 @@ def test_certified_chain_drafts_while_its_tokens_beat_the_drafters_rate(verify_c
     s.room = 3  # the generation's last tokens: no long run to earn lambda in, plain decoding is the alternative
     s.widths(0, sure, 1, 100)
     assert s._rate == 1.0
+
+
+def test_certified_chain_drafts_to_lengths_that_verify_cheaply(verify_costs):
+    """V(n), what the target's forward costs when it verifies n drafted tokens, is measured once MEASURED
+    verifications of n were timed (a CPU's matrix kernels make it uneven): a sure chain that the prior runs to its
+    end stops before lengths that verify dearly, and runs on through them to one that verifies cheaply."""
+    from specert.schedules import MEASURED, CertifiedSchedule, verify_cost
+
+    sure = torch.tensor([[6.0, 0, 0, 0, 0, 0, 0, 0]])
+    s = CertifiedSchedule(max_depth=8, cost=0.3)
+    s.eps_hat = 0.01
+    s.history.reached, s.history.accepted = [0.0, 100.0], [0.0, 98.0]
+
+    def chain():
+        depth = 0
+        while depth < 8 and s.widths(depth, sure, 1, 100)[0]:
+            depth += 1
+        return depth
+
+    def measure(costs):  # V(n) for n = 1 .. 8, timed MEASURED times each; a one-token forward takes 0.5 s
+        s.history.verifies.clear()
+        for n, v in enumerate(costs, 1):
+            s.history.verifies.extend([(n, 0.5 * v)] * MEASURED)
+
+    assert s.verify_costs() == [verify_cost(n) for n in range(9)] and chain() == 8  # the prior: near free
+    dear = [verify_cost(1), 1.45, 1.5, 5.0, 5.0, 5.0, 5.0, 5.1]  # verifying 5 tokens or more costs 5 forwards
+    measure(dear)
+    assert s.forward_seconds() == pytest.approx(0.5)  # from the verifications of one drafted token
+    assert s.verify_costs() == pytest.approx([1.0] + dear)
+    assert chain() == 3
+    measure(dear[:6] + [2.0, 5.1])  # ... but 8 tokens verify in 2
+    assert chain() == 7
+    measure(dear[:3])  # too few timings of 4 drafted tokens and more: the prior there
+    assert s.verify_costs()[4:] == [verify_cost(n) for n in range(4, 9)] and chain() == 8
 
 
 def test_certified_chain_learns_from_where_it_stopped():

@@ -230,6 +230,45 @@ def linear(module, x: torch.Tensor) -> torch.Tensor:
     return y.view(*x.shape[:-1], -1)
 
 
+def _rms_norm(norm, x: torch.Tensor) -> torch.Tensor:
+    """``norm(x)`` for the RMSNorm of the :func:`can_step` families, ``x / sqrt(mean(x^2) + eps) * w``, as one call
+    for float32 (the module takes seven, plus its call)."""
+    if x.dtype != torch.float32 or norm.weight.dtype != torch.float32:
+        return norm(x)
+    return torch.nn.functional.rms_norm(x, norm.weight.shape, norm.weight, norm.variance_epsilon)
+
+
+def _rotary(cos: torch.Tensor, sin: torch.Tensor):
+    """``rotate(x)`` = transformers' ``x cos + rotate_half(x) sin`` for ``x [1, n, heads, d]`` and ``cos``, ``sin``
+    ``[1, n, d]``, as ``x cos + x[..., perm] sin'`` with rotate_half's sign folded into ``sin'`` (3 operations
+    instead of 7, the same values)."""
+    d = cos.shape[-1]
+    perm = torch.cat([torch.arange(d // 2, d), torch.arange(d // 2)])
+    sign = torch.cat([torch.full((d // 2,), -1.0), torch.ones(d // 2)]).to(sin.dtype)
+    cos, sin = cos[:, :, None], (sin * sign)[:, :, None]
+    return lambda x: x * cos + x[..., perm] * sin
+
+
+def _attention_inputs(attn, h: torch.Tensor, rotate) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Queries, keys (both rotated) and values ``[1, heads, n, d]`` of ``h [1, n, hidden]``. An int4 copy's q, k,
+    v come out of one product (:class:`~specert.quantized.FusedInt4`), and its q and k, side by side there, are
+    rotated together."""
+    n, d = h.shape[1], attn.head_dim
+    if hasattr(attn, "qkv") and not hasattr(attn, "q_norm"):
+        heads = attn.qkv.whole(h).view(1, n, -1, d)
+        nq, nk = attn.config.num_attention_heads, attn.config.num_key_value_heads
+        qk = rotate(heads[:, :, : nq + nk])
+        q, k, v = qk[:, :, :nq], qk[:, :, nq:], heads[:, :, nq + nk :]
+    else:
+        q, k, v = attn.qkv(h) if hasattr(attn, "qkv") else (linear(attn.q_proj, h), linear(attn.k_proj, h),
+                                                              linear(attn.v_proj, h))
+        q, k, v = q.view(1, n, -1, d), k.view(1, n, -1, d), v.view(1, n, -1, d)
+        if hasattr(attn, "q_norm"):  # qwen3 normalises each head's queries and keys
+            q, k = _rms_norm(attn.q_norm, q), _rms_norm(attn.k_norm, k)
+        q, k = rotate(q), rotate(k)
+    return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+
 def _mlp(mlp, x: torch.Tensor) -> torch.Tensor:
     """The gated MLP of the :func:`can_step` families (llama, qwen3): ``down(act(gate(x)) * up(x))``, its products
     through :func:`linear` (gate and up in one product for an int4 copy, :class:`~specert.quantized.FusedInt4`)."""
@@ -245,36 +284,27 @@ def decode_step(model, cache, tokens: list[int], positions: list[int] | None = N
     transformers' forward (same values, tested), without its per-call machinery (mask building, hooks, keyword
     plumbing), which costs 2-4 ms a call on 2 cores (one token / a few; an int4 drafter's token takes 12-17 ms).
     Arguments as :func:`forward_features`; only for :func:`can_step` models. Float Linear layers run through
-    :func:`linear` (the same products, in a faster layout)."""
-    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
-
+    :func:`linear` (the same products, in a faster layout); norms and rotary embeddings in fewer operations
+    (:func:`_rms_norm`, :func:`_rotary`): at a few microseconds each, operations are what a drafter's token costs
+    beside its products."""
     inner, n, past = model.model, len(tokens), cache_length(cache)
     x = inner.embed_tokens(torch.tensor([tokens]))
     where = positions if positions is not None else range(past, past + n)
-    cos, sin = inner.rotary_emb(x, torch.tensor([list(where)]))
+    rotate = _rotary(*inner.rotary_emb(x, torch.tensor([list(where)])))
     if attend is None and n > 1:
         attend = torch.ones(n, past + n, dtype=torch.bool).tril(past)  # causal after the cache
     mask = None if attend is None else attend[None, None]  # True: attended
     states = [x]  # transformers' hidden_states: the embeddings, then each layer's output (the last one normalised)
     for i, layer in enumerate(inner.layers):
         attn = layer.self_attn
-        h = layer.input_layernorm(x)
-        shape = (1, n, -1, attn.head_dim)
-        if hasattr(attn, "qkv"):  # an int4 copy's q, k, v in one product (quantized.FusedInt4)
-            q, k, v = attn.qkv(h)
-        else:
-            q, k, v = linear(attn.q_proj, h), linear(attn.k_proj, h), linear(attn.v_proj, h)
-        q, k = q.view(shape), k.view(shape)
-        if hasattr(attn, "q_norm"):  # qwen3 normalises each head's queries and keys
-            q, k = attn.q_norm(q), attn.k_norm(k)
-        q, k = apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
-        k, v = cache.update(k, v.view(shape).transpose(1, 2), i)
+        q, k, v = _attention_inputs(attn, _rms_norm(layer.input_layernorm, x), rotate)
+        k, v = cache.update(k, v, i)
         o = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scaling,
                                                              enable_gqa=True)
         x = x + linear(attn.o_proj, o.transpose(1, 2).reshape(1, n, -1))
-        x = x + _mlp(layer.mlp, layer.post_attention_layernorm(x))
+        x = x + _mlp(layer.mlp, _rms_norm(layer.post_attention_layernorm, x))
         states.append(x)
-    states[-1] = inner.norm(x)
+    states[-1] = _rms_norm(inner.norm, x)
     logits = linear(model.lm_head, states[-1])[0]
     feats = torch.cat([states[i][0] for i in layers], -1).float() if layers else None
     return (logits if logits.dtype in (torch.float32, torch.float64) else logits.float()), feats

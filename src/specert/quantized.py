@@ -124,12 +124,15 @@ class FusedInt4(torch.nn.Module):
         self.stacked = Int4Linear(whole)
         self.stacked.float_weight = None  # few rows only: prompts run through the parts
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def whole(self, x: torch.Tensor) -> torch.Tensor:
+        """The parts' outputs side by side, ``[..., sum of their out_features]``."""
         flat = x.reshape(-1, x.shape[-1])
         if len(flat) >= PREFILL_ROWS:
-            return tuple(part(x) for part in self.parts)
-        y = self.stacked.product(flat.to(ACTIVATIONS))
-        return y.to(x.dtype).view(*x.shape[:-1], -1).split(self.sizes, -1)
+            return torch.cat([part(x) for part in self.parts], -1)
+        return self.stacked.product(flat.to(ACTIVATIONS)).to(x.dtype).view(*x.shape[:-1], -1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.whole(x).split(self.sizes, -1)
 
 
 class Int8Linear(QuantizedLinear):

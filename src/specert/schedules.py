@@ -32,11 +32,15 @@ drafter has already computed its next token and the target's forward computes it
 (the bonus token): every stop after a fully accepted chain is a measured position too, so alpha_u is learnt without
 drafting uncertified tokens to find out (there it counts strict greedy agreement: an underestimate under a relaxed
 rule). Drafting position j survives verification with probability S_j = alpha_1 ... alpha_j, so a chain of k expects
-E_k = 1 + S_1 + ... + S_k tokens for a cost of C_k = F + V + k c target forwards (C_0 = F + 1), c being a drafted
-token's marginal cost relative to a target forward of one token, F a step's fixed cost besides the target's forward
-(the drafter catching up with the context, the bookkeeping), both measured from the step timings unless c is given
-(a least-squares line of a step's seconds outside the target's forward against its drafted tokens, plus
-``VERIFY_TOKEN_COST`` per token for verifying it), and V = ``VERIFY_COST`` what verifying any draft at all costs.
+E_k = 1 + S_1 + ... + S_k tokens for a cost of C_k = F + V(k) + k c target forwards, c being a drafted token's
+marginal cost relative to a target forward of one token and F a step's fixed cost besides the target's forward (the
+drafter catching up with the context, the bookkeeping), both measured from the step timings unless c is given (a
+least-squares line of a step's seconds outside the target's forward against its drafted tokens), and V(k) what the
+target's forward costs when it verifies k drafted tokens (V(0) = 1, a plain forward). V is measured too: the mean
+seconds of the latest verifications of k drafted tokens over a one-token forward's, once ``MEASURED`` (3) of them
+were timed; before that the prior ``VERIFY_COST + k VERIFY_TOKEN_COST``. A CPU's matrix kernels make V uneven (on
+2 cores, 8 or 16 tokens cost less than 9 or 13; ``benchmarks/speed.py`` prints the table), and the rule drafts to
+the lengths that verify cheaply.
 Position k + 1 is drafted while some h >= 1 more positions add more tokens than they cost at the drafter's rate:
 
     max over h >= 1 of (E_{k+h} - E_k) - lambda (C_{k+h} - C_k) > 0,
@@ -47,9 +51,10 @@ renewal-reward ratio) with lambda the rate the policy reaches, as in Dinkelbach'
 comparing with the step's own E_k / C_k instead stops long chains too early (after many sure tokens that ratio
 exceeds what the drafter reaches on average). Position k + 1 survives with S_{k+1} = S_k alpha (its class's rate)
 and the positions after it, whose class is not known yet, with the mean rate of either class. Looking ahead (h > 1)
-matters because the first drafted token carries the verification's fixed cost (V - 1): a chain that opens on an
-uncertified token may still pay over its certified ones. For a drafter far from the target alpha_u is small and the
-chain ends at the first uncertified position (the paper's rule); for a close, cheap one it runs on past it.
+matters because the first drafted token carries the verification's fixed cost (V(1) - 1) and V is uneven: a chain
+that opens on an uncertified token may still pay over its certified ones. For a drafter far from the target alpha_u
+is small and the chain ends at the first uncertified position (the paper's rule); for a close, cheap one it runs on
+past it.
 
 The guarantee audit counts, at verified certified positions (every position of a certified tree, the certified
 ones of a chain): ``held`` (KL <= the eps_hat the width was chosen with), ``held_covered`` (of those, the target's
@@ -104,12 +109,14 @@ class Schedule:
         return {}
 
 
-# NOTE: on 2 CPU cores a target forward that verifies n >= 1 drafted tokens costs about VERIFY_COST + n *
-# VERIFY_TOKEN_COST forwards of one token (embedded model, models.linear's layout; relative to one token, forwards of
-# 2 tokens took 0.98-1.00, 4: 1.25-1.34, 5: 1.49-1.63, 8: 1.89-2.07, 9: 2.40-2.55, three prompts); benchmarks/speed.py
-# prints the table. On a GPU both are near 0.
+# NOTE: the prior of the verification cost V(n) until it is measured (module docstring): on 2 CPU cores a target
+# forward that verifies n >= 1 drafted tokens costs about VERIFY_COST + n * VERIFY_TOKEN_COST forwards of one token
+# (embedded model, models.linear's layout; relative to one token, forwards of 2 tokens took 0.98-1.00, 4: 1.25-1.34,
+# 5: 1.49-1.63, 8: 1.89-2.07, 9: 2.40-2.55, three prompts); benchmarks/speed.py prints the table. On a GPU both are
+# near 0.
 VERIFY_COST = 0.8
 VERIFY_TOKEN_COST = 0.19
+MEASURED = 3  # verifications of n drafted tokens timed before V(n) is theirs instead of the prior
 
 # Each class's acceptance rate weighs its chain position j positions ago (of that class) by (1 - 1 / RECENT)^j: about
 # its latest RECENT positions count, so the rates follow the text being generated (a translation is drafted worse
@@ -164,7 +171,8 @@ class History:
     accepted: list = field(default_factory=lambda: [0.0, 0.0])  # ... and accepted; both decayed (RECENT)
     steps: deque = field(default_factory=lambda: deque(maxlen=256))  # (drafted, seconds outside the target's
     # forward) of the latest steps
-    forward: list = field(default_factory=lambda: [0.0, 0])  # one-token target forward: seconds summed, count
+    verifies: deque = field(default_factory=lambda: deque(maxlen=256))  # (drafted, seconds of the target's
+    # forward) of the latest steps
     yields: deque = field(default_factory=lambda: deque(maxlen=64))  # (drafted, emitted) of the latest chain steps
 
 
@@ -188,28 +196,52 @@ class CertifiedSchedule(Schedule):
         self._stop: tuple[bool, int] | None = None  # where it stopped: (certified, the drafter's token there)
         self._backoff = self._skip = 0  # steps to decode without the drafter after it drafted nothing
         self._costs, self._rate = (0.0, 0.0), 1.0  # (F, c) and lambda for this step
+        self._verify: list[float] | None = None  # V(0 .. max_depth) for this step
 
     def costs(self) -> tuple[float, float]:
         """(F, c) in one-token target forwards: a step's fixed cost besides the target's forward (the drafter
-        catching up with the context, the bookkeeping) and a drafted token's marginal cost (its drafting plus
-        ``VERIFY_TOKEN_COST``). Given c: (0, c). Measured: the least-squares line seconds = a + b n over the latest
-        steps (n drafted tokens), one seconds-per-n ratio when n hardly varied; 0 before any measurement."""
+        catching up with the context, the bookkeeping) and a drafted token's marginal cost of drafting (its
+        verification is in :meth:`verify_costs`). Given c: (0, c). Measured: the least-squares line seconds = a + b n
+        over the latest steps (n drafted tokens), one seconds-per-n ratio when n hardly varied; 0 before any
+        measurement."""
         if self.fixed_cost is not None:
             return 0.0, self.fixed_cost
-        steps, (forward_s, forwards) = self.history.steps, self.history.forward
+        steps, one = self.history.steps, self.forward_seconds()
         n = np.array([drafted for drafted, _ in steps], dtype=float)
-        if not forwards or not n.sum():
+        if not one or not n.sum():
             return 0.0, 0.0
-        y, one = np.array([seconds for _, seconds in steps]), forward_s / forwards
+        y = np.array([seconds for _, seconds in steps])
         b, a = np.polyfit(n, y, 1) if n.var() > 0.5 else (0.0, -1.0)
         if not (a >= 0 and b > 0):
             a, b = 0.0, y.sum() / n.sum()
-        return a / one, b / one + VERIFY_TOKEN_COST
+        return a / one, b / one
+
+    def verify_costs(self) -> list[float]:
+        """V(0), V(1), ... V(max_depth): the target's forward, in one-token forwards, when it verifies that many
+        drafted tokens. V(0) = 1; V(n) is the mean seconds of the latest verifications of n drafted tokens over a
+        one-token forward's once ``MEASURED`` of them were timed, the prior ``VERIFY_COST + n VERIFY_TOKEN_COST``
+        before."""
+        table, one = [verify_cost(n) for n in range(self.max_depth + 1)], self.forward_seconds()
+        if not one:
+            return table
+        seconds, counts = np.zeros(len(table)), np.zeros(len(table))
+        for n, s in self.history.verifies:
+            if 0 < n < len(table):
+                seconds[n] += s
+                counts[n] += 1
+        return [seconds[n] / counts[n] / one if n and counts[n] >= MEASURED else v for n, v in enumerate(table)]
+
+    def forward_seconds(self) -> float | None:
+        """A one-token target forward's seconds, the unit of every cost: the latest verifications of at most one
+        drafted token (which cost about one forward) once ``MEASURED`` were timed, else all of them, each over its
+        prior cost; None before any."""
+        short = [s / verify_cost(n) for n, s in self.history.verifies if n <= 1]
+        scaled = short if len(short) >= MEASURED else [s / verify_cost(n) for n, s in self.history.verifies]
+        return sum(scaled) / len(scaled) if scaled else None
 
     def timed(self, draft_seconds, verify_seconds, drafted):
         self.history.steps.append((drafted, draft_seconds))
-        f = self.history.forward
-        f[0], f[1] = f[0] + verify_seconds / verify_cost(drafted), f[1] + 1
+        self.history.verifies.append((drafted, verify_seconds))
 
     def alpha(self, certified: bool) -> float:
         """The measured acceptance rate of chain positions of a class, (accepted + 1) / (reached + 2)."""
@@ -221,29 +253,28 @@ class CertifiedSchedule(Schedule):
         return (sum(self.history.accepted) + 1) / (sum(self.history.reached) + 2)
 
     def rate(self, fixed: float, c: float) -> float:
-        """lambda: tokens per target forward over the latest steps, each step's cost modelled as F + V + n c (F + 1
-        without a draft); at least 1, the rate of plain decoding, which is always available."""
-        steps = self.history.yields
-        cost = sum(fixed + (VERIFY_COST + n * c if n else 1.0) for n, _ in steps)
+        """lambda: tokens per target forward over the latest steps, each step's cost modelled as F + V(n) + n c; at
+        least 1, the rate of plain decoding, which is always available."""
+        steps, v = self.history.yields, self._verify or self.verify_costs()
+        cost = sum(fixed + v[min(n, len(v) - 1)] + n * c for n, _ in steps)
         return max(1.0, sum(emitted for _, emitted in steps) / cost) if steps else 1.0
 
     def pays(self, depth: int, survive: float) -> bool:
         """Whether drafting on at ``depth`` (its token surviving with probability ``survive``) pays for some chain
         length k + h (h = 1 .. what is left), the positions after this one expected at the mean rate: whether the
         tokens they add exceed lambda times their cost (module docstring)."""
-        c, ahead = self._costs[1], self.alpha_mean()
-        first = VERIFY_COST - 1 if depth == 0 else 0.0  # the first drafted token turns the forward into a verification
+        c, ahead, v = self._costs[1], self.alpha_mean(), self._verify or self.verify_costs()
         gain, term = 0.0, survive
-        for h in range(1, max(1, self.depths - depth) + 1):
+        for h in range(1, min(max(1, self.depths - depth), len(v) - 1 - depth) + 1):
             gain, term = gain + term, term * ahead
-            if gain > self._rate * (first + h * c):
-                return True
+            if gain > self._rate * (v[depth + h] - v[depth] + h * c):  # the first draft turns a forward into a
+                return True  # verification: V(1) - V(0)
         return False
 
     def _chain_width(self, depth: int, q: torch.Tensor) -> int:
         if depth == 0:
             self._drafted, self._stop, self._survive = [], None, 1.0
-            self._costs = self.costs()
+            self._costs, self._verify = self.costs(), self.verify_costs()
             # near the end of the generation there is no long run to earn lambda in: what the chain does not
             # draft, plain decoding (rate 1) must produce
             self._rate = self.rate(*self._costs) if self.room >= self.max_depth else 1.0

@@ -26,8 +26,8 @@ from specert.trace import SpecDecodeMetrics
 SPEC_BENCH = Path(__file__).resolve().parents[2] / "shared" / "data" / "spec_bench" / "question.jsonl"
 WARM_UP = "Write a short story about a lighthouse keeper who finds a message in a bottle."
 SHAPES = {
-    "int4": [("k", 4), ("k", 8), ("k", 12), ("tree", "2,1,1,1,1,1,1"), ("k", "heuristic"), ("k", "heuristic:8"),
-             ("k", "auto"), ("tree", "auto:16")],
+    "int4": [("k", 3), ("k", 4), ("k", 8), ("k", 12), ("tree", "2,1,1,1,1,1,1"), ("k", "heuristic"),
+             ("k", "heuristic:8"), ("k", "auto"), ("tree", "auto:16")],
     "ngram:3": [("k", 2), ("k", 4), ("tree", "3,2,1,1"), ("k", "heuristic"), ("k", "auto"), ("tree", "auto:16")],
     "layerskip:20": [("k", 4), ("k", "auto")],
     "pruned": [("k", 2), ("k", 4), ("tree", "2,1"), ("k", "heuristic"), ("k", "auto"), ("tree", "auto:16")],

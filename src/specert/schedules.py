@@ -267,8 +267,9 @@ class CertifiedSchedule(Schedule):
         gain, term = 0.0, survive
         for h in range(1, min(max(1, self.depths - depth), len(v) - 1 - depth) + 1):
             gain, term = gain + term, term * ahead
-            if gain > self._rate * (v[depth + h] - v[depth] + h * c):  # the first draft turns a forward into a
-                return True  # verification: V(1) - V(0)
+            # verifying k + h drafted tokens instead of k (from 0: a plain forward becomes a verification)
+            if gain > self._rate * (v[depth + h] - v[depth] + h * c):
+                return True
         return False
 
     def _chain_width(self, depth: int, q: torch.Tensor) -> int:

@@ -60,7 +60,7 @@ def test_generate_cli(embedded, tmp_path):
     assert "mean acceptance length" in res.output and "speedup" in res.output and "identical to" in res.output
     assert trace.exists()
     res = runner.invoke(main, ["generate", "--prompt", "Name a fruit.", "--max-new-tokens", "12"])
-    assert res.exit_code == 0 and "drafter int4 | rule greedy | k=heuristic:8" in res.output, res.output
+    assert res.exit_code == 0 and "drafter int4 | rule greedy | k=3" in res.output, res.output
     for args, message in [(["--prompt", ""], "empty"), (["--prompt", "x", "--k", "0"], ">= 1"),
                           (["--prompt", "x", "--rule", "bogus"], "unknown rule"),
                           (["--prompt", "x", "--drafter", "nope:1"], "unknown drafter spec"),

@@ -135,8 +135,8 @@ def test_certified_schedule_guarantee_and_economy(target, monkeypatch):
         for shape in (dict(k="auto"), dict(tree="auto:12")):
             out = generate(target, PROMPT, drafter, max_new_tokens=40, **shape)
             assert out.audit["held_covered"] == out.audit["held"]
-    close.history.verifies.clear()  # as if a target forward took 10^6 s and verifying a token were nearly free (a
-    close.history.verifies.extend([(0, 10.0**6)] * schedules.MEASURED)  # GPU): drafting pays at any length
+    close.history.steps.clear()  # as if a target forward took 10^6 s and verifying a token were nearly free (a
+    close.history.steps.extend([(0, 0.0, 10.0**6)] * schedules.MEASURED)  # GPU): drafting pays at any length
     monkeypatch.setattr(schedules, "VERIFY_TOKEN_COST", 0.01)
     full = generate(target, PROMPT, close, max_new_tokens=40, k="auto:6")
     assert min(full.drafted[:-1]) == 6 and out.audit is not None
@@ -262,9 +262,9 @@ def test_certified_chain_drafts_to_lengths_that_verify_cheaply(verify_costs):
         return depth
 
     def measure(costs):  # V(n) for n = 1 .. 8, timed MEASURED times each; a one-token forward takes 0.5 s
-        s.history.verifies.clear()
+        s.history.steps.clear()
         for n, v in enumerate(costs, 1):
-            s.history.verifies.extend([(n, 0.5 * v)] * MEASURED)
+            s.history.steps.extend([(n, 0.0, 0.5 * v)] * MEASURED)
 
     assert s.verify_costs() == [verify_cost(n) for n in range(9)] and chain() == 8  # the prior: near free
     dear = [verify_cost(1), 1.45, 1.5, 5.0, 5.0, 5.0, 5.0, 5.1]  # verifying 5 tokens or more costs 5 forwards

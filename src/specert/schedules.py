@@ -170,9 +170,7 @@ class History:
     reached: list = field(default_factory=lambda: [0.0, 0.0])  # chain positions reached, [uncertified, certified]
     accepted: list = field(default_factory=lambda: [0.0, 0.0])  # ... and accepted; both decayed (RECENT)
     steps: deque = field(default_factory=lambda: deque(maxlen=256))  # (drafted, seconds outside the target's
-    # forward) of the latest steps
-    verifies: deque = field(default_factory=lambda: deque(maxlen=256))  # (drafted, seconds of the target's
-    # forward) of the latest steps
+    # forward, seconds of the target's forward) of the latest steps
     yields: deque = field(default_factory=lambda: deque(maxlen=64))  # (drafted, emitted) of the latest chain steps
 
 
@@ -207,10 +205,10 @@ class CertifiedSchedule(Schedule):
         if self.fixed_cost is not None:
             return 0.0, self.fixed_cost
         steps, one = self.history.steps, self.forward_seconds()
-        n = np.array([drafted for drafted, _ in steps], dtype=float)
+        n = np.array([drafted for drafted, _, _ in steps], dtype=float)
         if not one or not n.sum():
             return 0.0, 0.0
-        y = np.array([seconds for _, seconds in steps])
+        y = np.array([seconds for _, seconds, _ in steps])
         b, a = np.polyfit(n, y, 1) if n.var() > 0.5 else (0.0, -1.0)
         if not (a >= 0 and b > 0):
             a, b = 0.0, y.sum() / n.sum()
@@ -225,7 +223,7 @@ class CertifiedSchedule(Schedule):
         if not one:
             return table
         seconds, counts = np.zeros(len(table)), np.zeros(len(table))
-        for n, s in self.history.verifies:
+        for n, _, s in self.history.steps:
             if 0 < n < len(table):
                 seconds[n] += s
                 counts[n] += 1
@@ -235,13 +233,12 @@ class CertifiedSchedule(Schedule):
         """A one-token target forward's seconds, the unit of every cost: the latest verifications of at most one
         drafted token (which cost about one forward) once ``MEASURED`` were timed, else all of them, each over its
         prior cost; None before any."""
-        short = [s / verify_cost(n) for n, s in self.history.verifies if n <= 1]
-        scaled = short if len(short) >= MEASURED else [s / verify_cost(n) for n, s in self.history.verifies]
+        short = [s / verify_cost(n) for n, _, s in self.history.steps if n <= 1]
+        scaled = short if len(short) >= MEASURED else [s / verify_cost(n) for n, _, s in self.history.steps]
         return sum(scaled) / len(scaled) if scaled else None
 
     def timed(self, draft_seconds, verify_seconds, drafted):
-        self.history.steps.append((drafted, draft_seconds))
-        self.history.verifies.append((drafted, verify_seconds))
+        self.history.steps.append((drafted, draft_seconds, verify_seconds))
 
     def alpha(self, certified: bool) -> float:
         """The measured acceptance rate of chain positions of a class, (accepted + 1) / (reached + 2)."""

@@ -115,6 +115,9 @@ def main():
             methods[f"specert {spec} {shape}"] = lambda ids, spec=spec, kind=kind, value=value: _spec(
                 target, ids, spec, args, {kind: int(value) if value.isdigit() else value})
     _spec.drafters = drafters
+    warm = encode_prompt(target, "warm up")
+    for fn in methods.values():  # first calls (allocations, lazy initialisation) on a prompt that is not measured
+        fn(warm)
     rates = defaultdict(lambda: defaultdict(lambda: [0, 0.0]))  # category -> method -> [tokens, seconds]
     mal = defaultdict(list)
     counts = defaultdict(lambda: defaultdict(int))  # method -> accepted, drafted, traced, certified

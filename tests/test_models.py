@@ -71,24 +71,49 @@ def test_batched_greedy_equals_one_prompt_at_a_time():
     assert len(rows[1]) == 3
 
 
-def test_linear_is_the_modules_product_in_another_layout():
+def test_linear_is_the_modules_product_in_either_layout():
     """:func:`specert.models.linear` computes ``x W^T + b`` as ``(W x^T)^T + b`` for float32 Linear layers (one row
-    doubled), for any leading shape; other modules and dtypes run through their own forward."""
+    doubled) when told to, for any leading shape, and as the module does otherwise; other modules and dtypes run
+    through their own forward."""
     from specert.models import linear
     from specert.quantized import quantized_copy
 
     torch.manual_seed(0)
     layer = torch.nn.Linear(64, 48)
-    for shape in ((64,), (1, 1, 64), (1, 2, 64), (1, 5, 64), (3, 4, 64)):
-        x = torch.randn(shape)
-        got = linear(layer, x)
-        assert got.shape == (*shape[:-1], 48) and got.is_contiguous()
-        torch.testing.assert_close(got, layer(x), rtol=1e-5, atol=1e-5)
+    for columns in (True, False):
+        for shape in ((64,), (1, 1, 64), (1, 2, 64), (1, 5, 64), (3, 4, 64)):
+            x = torch.randn(shape)
+            got = linear(layer, x, columns)
+            assert got.shape == (*shape[:-1], 48) and got.is_contiguous()
+            torch.testing.assert_close(got, layer(x), rtol=1e-5, atol=1e-5)
+            if not columns:
+                assert torch.equal(got, layer(x))
     half = torch.nn.Linear(64, 48).to(torch.bfloat16)
     x = torch.randn(1, 3, 64, dtype=torch.bfloat16)
-    assert torch.equal(linear(half, x), half(x))
+    assert torch.equal(linear(half, x, True), half(x))
     model = quantized_copy(tiny_model("llama", seed=1).model, 4)
     q = model.model.layers[0].self_attn.q_proj
     assert type(q) is not torch.nn.Linear  # an int4 layer: its own kernel
     x = torch.randn(1, 2, q.in_features)
-    assert torch.equal(linear(q, x), q(x))
+    assert torch.equal(linear(q, x, True), q(x))
+
+
+def test_choose_layout_takes_the_faster_layout(monkeypatch):
+    """:func:`specert.models.choose_layout` makes :func:`~specert.models.linear` use whichever layout its clock
+    timed faster (a fake clock here: each product advances it by what its layout is made to cost)."""
+    import specert.models as models
+
+    model = torch.nn.Sequential(torch.nn.Linear(64, 48), torch.nn.Linear(48, 32))
+    now, cost = [0.0], {}
+    product = models._product
+
+    def timed(weight, rows, columns):
+        now[0] += cost[columns]
+        return product(weight, rows, columns)
+
+    monkeypatch.setattr(models, "_product", timed)
+    monkeypatch.setattr(models, "_COLUMNS", models._COLUMNS)  # restored after the test
+    for costs, want in (({False: 2.0, True: 1.0}, True), ({False: 1.0, True: 2.0}, False)):
+        cost.update(costs)
+        assert models.choose_layout(model, clock=lambda: now[0]) is want
+        assert models._COLUMNS is want

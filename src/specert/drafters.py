@@ -19,6 +19,8 @@ spec              drafter
                   states; without PATH the head shipped for the embedded default
 ``pruned[:PATH]`` the target with its least useful layers removed and healed by ``specert distill --architecture
                   pruned`` (:mod:`specert.pruned`), int4; without PATH the one shipped for the embedded default
+``compiled:SPEC`` the model drafter SPEC (``int4``, ``int8``, ``pruned``, ``layerskip:L``, ``model:...``) with its
+                  step compiled by ``torch.compile`` over a static KV cache (:mod:`specert.static_cache`)
 ================  =======================================================================================
 """
 
@@ -29,9 +31,10 @@ from dataclasses import dataclass
 
 import torch
 
-from specert.models import LoadedModel, cache_length, forward, keep_cache, load_model, new_cache
+from specert.models import LoadedModel, cache_length, can_step, forward, keep_cache, load_model, new_cache
 from specert.quantized import PREFILL_ROWS, quantized_copy
 from specert.schedules import History, Schedule
+from specert.static_cache import StaticCache
 
 
 @dataclass
@@ -110,19 +113,41 @@ class ModelDrafter(Drafter):
     path's and drops the rest, instead of running the path again.
     """
 
-    def __init__(self, model: torch.nn.Module, spec: str, layers_of_target: bool = False):
+    def __init__(self, model: torch.nn.Module, spec: str, layers_of_target: bool = False, compiled: bool = False):
         self.model, self.spec, self.layers_of_target = model, spec, layers_of_target
-        self.cache = new_cache(model)
+        if compiled and not can_step(model):
+            raise ValueError(f"drafter {spec!r}: only llama and qwen3 models (full attention) can run compiled; "
+                             "drop 'compiled:'")
+        self.cache = StaticCache(model) if compiled else new_cache(model)
+        if compiled:
+            self.cache.warm_up()
         self.cached: list[int] = []  # tokens whose keys and values the cache holds
         self.tree: tuple | None = None  # (base, tokens, parents, nodes run) of the last tree, its entries cached
 
     def target_prefilled(self, tokens, cache):
         if not self.layers_of_target:
             return
-        self.cache = new_cache(self.model)
-        for i, layer in enumerate(cache.layers[: self.model.config.num_hidden_layers]):
-            self.cache.update(layer.keys.clone(), layer.values.clone(), i)
+        if isinstance(self.cache, StaticCache):
+            self.cache.load(cache)
+        else:
+            self.cache = new_cache(self.model)
+            for i, layer in enumerate(cache.layers[: self.model.config.num_hidden_layers]):
+                self.cache.update(layer.keys.clone(), layer.values.clone(), i)
         self.cached, self.tree = list(tokens), None
+
+    def _forward(self, tokens: list[int], positions: list[int] | None = None,
+                 attend: torch.Tensor | None = None) -> torch.Tensor:
+        """:func:`~specert.models.forward` on the drafter's cache (a static cache runs its own)."""
+        if isinstance(self.cache, StaticCache):
+            return self.cache.forward(tokens, positions, attend)
+        return forward(self.model, self.cache, tokens, positions, attend)
+
+    def _keep(self, keep_from: int, slots: list[int]) -> None:
+        """:func:`~specert.models.keep_cache` on the drafter's cache."""
+        if isinstance(self.cache, StaticCache):
+            self.cache.keep(keep_from, slots)
+        else:
+            keep_cache(self.cache, keep_from, slots)
 
     def _sync(self, context: list[int]) -> torch.Tensor:
         """Bring the cache to ``context`` and return the logits after it ``[V]``."""
@@ -132,7 +157,7 @@ class ModelDrafter(Drafter):
         limit = min(len(self.cached), len(context) - 1)  # always re-run at least the last token for its logits
         while same < limit and self.cached[same] == context[same]:
             same += 1
-        keep_cache(self.cache, same, [])
+        self._keep(same, [])
         logits = self._run(context[same:])
         self.cached = list(context)
         return logits[-1]
@@ -148,12 +173,12 @@ class ModelDrafter(Drafter):
                 if node is None:
                     break
                 path.append(node)
-        keep_cache(self.cache, base, [base + i for i in path])
+        self._keep(base, [base + i for i in path])
         self.cached = self.cached[:base] + [tokens[i] for i in path]
 
     def _run(self, tokens: list[int]) -> torch.Tensor:
         """Logits ``[len(tokens), V]`` after running ``tokens`` causally after the cache."""
-        return forward(self.model, self.cache, tokens)
+        return self._forward(tokens)
 
     @torch.inference_mode()
     def score(self, tokens: list[int], prompt: int) -> torch.Tensor:
@@ -205,7 +230,7 @@ class ModelDrafter(Drafter):
         attend[:, base:past] = anc[level][:, : past - base]
         attend[:, past:] = torch.eye(len(level), dtype=torch.bool)
         positions = [base + depth] * len(level)
-        return list(forward(self.model, self.cache, [tokens[i] for i in level], positions, attend))
+        return list(self._forward([tokens[i] for i in level], positions, attend))
 
 
 class HeadDrafter(Drafter):
@@ -396,11 +421,17 @@ class NGramDrafter(Drafter):
 def check_drafter_spec(spec: str) -> None:
     """Raise ``ValueError`` for a malformed drafter spec, before any model is loaded."""
     kind, _, arg = spec.partition(":")
+    if kind == "compiled":
+        inner = arg.partition(":")[0]
+        if inner not in ("int4", "int8", "pruned", "layerskip", "model"):
+            raise ValueError(f"drafter spec {spec!r}: compiled: takes a model drafter (int4, int8, pruned[:PATH], "
+                             "layerskip:L or model:SPEC), e.g. compiled:int4")
+        return check_drafter_spec(arg)
     if spec in ("int4", "int8", "head", "pruned"):
         return
     if kind not in ("model", "layerskip", "ngram", "head", "pruned"):
         raise ValueError(f"unknown drafter spec {spec!r}; use model:SPEC, layerskip:L, ngram:N, head[:PATH], "
-                         "pruned[:PATH], int4 or int8")
+                         "pruned[:PATH], int4, int8 or compiled:SPEC")
     if kind in ("layerskip", "ngram") and arg and not arg.isdigit():
         raise ValueError(f"drafter spec {spec!r}: {kind} takes a whole number, e.g. {kind}:3")
     if kind != "ngram" and not arg:
@@ -411,6 +442,9 @@ def drafter_from_spec(spec: str, target: LoadedModel) -> Drafter:
     """Build a drafter from its spec string (see the module docstring) for the given target."""
     check_drafter_spec(spec)
     kind, _, arg = spec.partition(":")
+    if kind == "compiled":
+        eager = drafter_from_spec(arg, target)
+        return ModelDrafter(eager.model, spec, eager.layers_of_target, compiled=True)
     if spec in ("int4", "int8"):
         return ModelDrafter(quantized_copy(target.model, int(spec[3:])), spec, layers_of_target=True)
     if kind == "ngram":

@@ -16,6 +16,7 @@ import functools
 import importlib.util
 import inspect
 import io
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -105,6 +106,7 @@ def load_model(spec: str) -> LoadedModel:
     except (OSError, ValueError, TypeError):
         tokenizer = None  # a model saved without one decodes token ids only
     model.eval()
+    choose_layout(model)
     loaded = LoadedModel(model, tokenizer, spec)
     _LOADED[spec] = loaded
     return loaded
@@ -210,21 +212,61 @@ def can_step(model) -> bool:
             and hasattr(getattr(model, "model", None), "rotary_emb"))
 
 
-def linear(module, x: torch.Tensor) -> torch.Tensor:
-    """``module(x)`` for a Linear layer and a few rows ``x [..., in]``; a float32 ``nn.Linear`` runs as
-    ``y = (W x^T)^T + b``, with one row doubled into two columns.
+_COLUMNS = False  # whether linear() runs float32 products as (W x^T)^T here: set by choose_layout
 
-    Same product as ``F.linear`` (``x W^T``), another layout: on torch's CPU build (MKL), ``x W^T`` for 1-3 rows
-    reads a weight that is out of cache at about 12 GB/s, while ``W x^T`` with two or more columns reads it at
-    28-32 GB/s, near memory bandwidth; one column takes a slow matrix-vector path, hence the doubling. Measured on 2
-    cores over the embedded model's 211 weights (538 MB): 45 ms against 20 ms for one row, 77 against 55 ms for
-    nine. Other modules (quantized copies) and dtypes run as they are.
+
+def choose_layout(model, rows: tuple[int, ...] = (1, 4), repeats: int = 3, clock=time.perf_counter) -> bool:
+    """Time a pass over ``model``'s float32 Linear weights in both of :func:`linear`'s layouts, a few rows at a
+    time, and make the faster one :func:`linear`'s, for every model (:func:`load_model` calls it on each model it
+    loads: 0.5 s for the embedded one). Returns whether ``(W x^T)^T`` won.
+
+    Which layout reads a weight faster depends on the CPU and its BLAS. Measured on two 2-core machines over the
+    embedded model's 211 weights (538 MB), one row / four rows: one (session 9) took 45 / 55 ms as ``x W^T`` and 20
+    / 27 ms as ``(W x^T)^T``, the other (session 11) 21.9 / 35.3 ms against 51.8 / 52.5 ms. Hard-coding either
+    makes the target's forward of one token 2x slower on the other machine; a measurement takes well under a
+    second. (The weights are read in order, as a forward reads them, so most come from memory, not cache.)
     """
-    if type(module) is not torch.nn.Linear or module.weight.dtype != torch.float32 or x.dtype != torch.float32:
-        return module(x)
-    rows = x.reshape(-1, x.shape[-1])
+    global _COLUMNS
+    weights = [m.weight for m in model.modules() if type(m) is torch.nn.Linear and m.weight.dtype == torch.float32]
+    if not weights:
+        return _COLUMNS
+    seconds = {}
+    with torch.inference_mode():
+        for columns in (False, True):
+            inputs = {n: {w.shape[1]: torch.randn(n, w.shape[1]) for w in weights} for n in rows}
+            best = float("inf")
+            for _ in range(repeats):
+                start = clock()
+                for n in rows:
+                    for w in weights:
+                        _product(w, inputs[n][w.shape[1]], columns)
+                best = min(best, clock() - start)
+            seconds[columns] = best
+    _COLUMNS = seconds[True] < seconds[False]
+    return _COLUMNS
+
+
+def _product(weight: torch.Tensor, rows: torch.Tensor, columns: bool) -> torch.Tensor:
+    """``rows W^T`` for ``rows [n, in]``, as ``(W rows^T)^T`` (one row doubled into two columns) if ``columns``."""
+    if not columns:
+        return torch.nn.functional.linear(rows, weight)
     n = len(rows)
-    y = (module.weight @ (rows if n > 1 else torch.cat([rows, rows])).t())[:, :n].t().contiguous()
+    return (weight @ (rows if n > 1 else torch.cat([rows, rows])).t())[:, :n].t().contiguous()
+
+
+def linear(module, x: torch.Tensor, columns: bool | None = None) -> torch.Tensor:
+    """``module(x)`` for a Linear layer and a few rows ``x [..., in]``; a float32 ``nn.Linear`` runs in the layout
+    :func:`choose_layout` measured faster on this machine (``columns``: force one), ``x W^T`` or
+    ``y = (W x^T)^T + b`` with one row doubled into two columns (one column takes a slow matrix-vector path).
+
+    The same product either way, summed in another order. Other modules (quantized copies) and dtypes run as they
+    are.
+    """
+    columns = _COLUMNS if columns is None else columns
+    if (not columns or type(module) is not torch.nn.Linear or module.weight.dtype != torch.float32
+            or x.dtype != torch.float32):
+        return module(x)
+    y = _product(module.weight, x.reshape(-1, x.shape[-1]), True)
     if module.bias is not None:
         y = y + module.bias
     return y.view(*x.shape[:-1], -1)
@@ -276,6 +318,30 @@ def _mlp(mlp, x: torch.Tensor) -> torch.Tensor:
     return linear(mlp.down_proj, mlp.act_fn(gate) * up)
 
 
+def run_layers(model, x: torch.Tensor, rotate, mask: torch.Tensor | None, store) -> list[torch.Tensor]:
+    """The decoder layers of a :func:`can_step` model over ``x [1, n, hidden]`` (the embedded tokens): returns
+    transformers' hidden states, the embeddings and each layer's output (the last one normalised).
+
+    ``rotate`` applies the tokens' rotary embedding (:func:`_rotary`); ``mask`` ``[1, 1, n, slots]`` (True:
+    attended) or None (all); ``store(k, v, i)`` puts layer i's new keys and values ``[1, kv_heads, n, d]`` in a KV
+    cache and returns the keys and values the tokens attend to (a ``DynamicCache``'s ``update``, or
+    :class:`specert.static_cache.StaticCache`'s slots).
+    """
+    n = x.shape[1]
+    states = [x]
+    for i, layer in enumerate(model.model.layers):
+        attn = layer.self_attn
+        q, k, v = _attention_inputs(attn, _rms_norm(layer.input_layernorm, x), rotate)
+        k, v = store(k, v, i)
+        o = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scaling,
+                                                             enable_gqa=True)
+        x = x + linear(attn.o_proj, o.transpose(1, 2).reshape(1, n, -1))
+        x = x + _mlp(layer.mlp, _rms_norm(layer.post_attention_layernorm, x))
+        states.append(x)
+    states[-1] = _rms_norm(model.model.norm, x)
+    return states
+
+
 @torch.inference_mode()
 def decode_step(model, cache, tokens: list[int], positions: list[int] | None = None,
                 attend: torch.Tensor | None = None, layers: tuple[int, ...] = ()):
@@ -294,17 +360,7 @@ def decode_step(model, cache, tokens: list[int], positions: list[int] | None = N
     if attend is None and n > 1:
         attend = torch.ones(n, past + n, dtype=torch.bool).tril(past)  # causal after the cache
     mask = None if attend is None else attend[None, None]  # True: attended
-    states = [x]  # transformers' hidden_states: the embeddings, then each layer's output (the last one normalised)
-    for i, layer in enumerate(inner.layers):
-        attn = layer.self_attn
-        q, k, v = _attention_inputs(attn, _rms_norm(layer.input_layernorm, x), rotate)
-        k, v = cache.update(k, v, i)
-        o = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scaling,
-                                                             enable_gqa=True)
-        x = x + linear(attn.o_proj, o.transpose(1, 2).reshape(1, n, -1))
-        x = x + _mlp(layer.mlp, _rms_norm(layer.post_attention_layernorm, x))
-        states.append(x)
-    states[-1] = _rms_norm(inner.norm, x)
+    states = run_layers(model, x, rotate, mask, cache.update)
     logits = linear(model.lm_head, states[-1])[0]
     feats = torch.cat([states[i][0] for i in layers], -1).float() if layers else None
     return (logits if logits.dtype in (torch.float32, torch.float64) else logits.float()), feats

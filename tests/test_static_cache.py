@@ -1,0 +1,78 @@
+"""The drafter's step over a static KV cache, eager and compiled (specert.static_cache)."""
+
+import pytest
+import torch
+
+import specert.static_cache as static_cache
+from specert.decoding import generate
+from specert.drafters import check_drafter_spec, drafter_from_spec
+from specert.models import forward, keep_cache, new_cache
+from specert.static_cache import StaticCache
+from tiny import tiny_model
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_static_cache_runs_like_the_dynamic_cache(arch, monkeypatch):
+    """Run eagerly, the static layout gives transformers' cache's logits: a prompt, steps of 1-3 tokens past its
+    first capacity (it grows), a crop to an accepted prefix, a tree level (shared positions, ancestor mask) and a
+    kept tree path moved into place."""
+    monkeypatch.setattr(static_cache, "_compiled_step", lambda: static_cache._step)
+    model = tiny_model(arch, seed=3).model
+    static, dynamic = StaticCache(model, capacity=16), new_cache(model)
+
+    def same(tokens, positions=None, attend=None):
+        got = static.forward(tokens, positions, attend)
+        want = forward(model, dynamic, tokens, positions, attend)
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+        assert static.get_seq_length() == dynamic.get_seq_length()
+
+    same(list(range(3, 15)))
+    for tokens in ([7], [8, 9], [10, 11, 12], [13]):
+        same(tokens)
+    assert static.capacity > 16
+    static.keep(16, [])
+    keep_cache(dynamic, 16, [])
+    same([20, 21])
+    past = static.length  # a tree level of two siblings at the same depth, each seeing the context and itself
+    attend = torch.zeros(2, past + 2, dtype=torch.bool)
+    attend[:, :past] = True
+    attend[:, past:] = torch.eye(2, dtype=torch.bool)
+    same([30, 31], [past, past], attend)
+    static.keep(past, [past + 1])  # the second sibling was accepted
+    keep_cache(dynamic, past, [past + 1])
+    same([40])
+
+
+def test_static_cache_loads_a_prefill():
+    """A drafter made of the target's layers starts from the target's prefilled cache."""
+    model = tiny_model("llama", seed=3).model
+    dynamic = new_cache(model)
+    forward(model, dynamic, list(range(3, 40)))
+    static = StaticCache(model, capacity=8)
+    static.load(dynamic)
+    assert static.length == 37 and static.capacity >= 37
+    for i, layer in enumerate(dynamic.layers):
+        assert torch.equal(static.keys[i][:, :, :37], layer.keys)
+        assert torch.equal(static.values[i][:, :, :37], layer.values)
+
+
+@pytest.mark.parametrize("shape", [{"k": 3}, {"tree": "2,1"}, {"k": "auto"}])
+def test_compiled_drafter_decodes_losslessly(shape):
+    """``compiled:int4``, its step compiled by torch.compile, gives the target's own greedy tokens under strict
+    greedy in chain and tree mode (one compiled graph for every step: token counts and lengths are dynamic)."""
+    target = tiny_model("llama", seed=0)
+    drafter = drafter_from_spec("compiled:int4", target)
+    assert isinstance(drafter.cache, StaticCache) and drafter.spec == "compiled:int4"
+    accepted = 0
+    for prompt in ([5, 17, 30, 200, 17, 30], [7]):
+        expected = generate(target, prompt, None, max_new_tokens=30, stop_at_eos=False).tokens
+        got = generate(target, prompt, drafter, "greedy", max_new_tokens=30, stop_at_eos=False, **shape)
+        assert got.tokens == expected
+        accepted += sum(got.accepted)
+    assert accepted > 0 or shape.get("k") == "auto"  # a near copy of the target: its fixed drafts are accepted
+
+
+@pytest.mark.parametrize("spec", ["compiled:ngram:3", "compiled:head", "compiled:", "compiled:layerskip:x"])
+def test_compiled_takes_model_drafters_only(spec):
+    with pytest.raises(ValueError, match="drafter spec"):
+        check_drafter_spec(spec)

@@ -34,6 +34,7 @@ SHAPES = {
     "head": [("k", 1), ("k", 2), ("k", 4), ("tree", "2,1"), ("tree", "3,2,2,1"), ("k", "heuristic"), ("k", "auto"),
              ("tree", "auto:16")],
 }
+SHAPES.update({f"compiled:{spec}": SHAPES[spec] for spec in ("int4", "pruned")})  # the same drafters, compiled
 
 
 def main():

@@ -57,12 +57,14 @@ def test_static_cache_loads_a_prefill():
 
 
 @pytest.mark.parametrize("shape", [{"k": 3}, {"tree": "2,1"}, {"k": "auto"}])
-def test_compiled_drafter_decodes_losslessly(shape):
+def test_compiled_drafter_decodes_losslessly(shape, monkeypatch):
     """``compiled:int4``, its step compiled by torch.compile, gives the target's own greedy tokens under strict
-    greedy in chain and tree mode (one compiled graph for every step: token counts and lengths are dynamic)."""
+    greedy in chain and tree mode, and compiles nothing after its warm-up (token counts, lengths and positions are
+    dynamic: a recompilation inside a generation would cost it seconds)."""
     target = tiny_model("llama", seed=0)
     drafter = drafter_from_spec("compiled:int4", target)
     assert isinstance(drafter.cache, StaticCache) and drafter.spec == "compiled:int4"
+    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
     accepted = 0
     for prompt in ([5, 17, 30, 200, 17, 30], [7]):
         expected = generate(target, prompt, None, max_new_tokens=30, stop_at_eos=False).tokens
@@ -76,3 +78,12 @@ def test_compiled_drafter_decodes_losslessly(shape):
 def test_compiled_takes_model_drafters_only(spec):
     with pytest.raises(ValueError, match="drafter spec"):
         check_drafter_spec(spec)
+
+
+def test_a_failed_compilation_says_what_to_do(monkeypatch):
+    def broken(*args):
+        raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found")
+
+    monkeypatch.setattr(static_cache, "_compiled_step", lambda: broken)
+    with pytest.raises(ValueError, match="C\\+\\+ compiler.*drop 'compiled:'"):
+        drafter_from_spec("compiled:int4", tiny_model("llama", seed=0))

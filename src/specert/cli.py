@@ -97,7 +97,7 @@ def bench(batch, vocab, repeat):
 @click.option("--target", default="smollm2-135m", show_default=True, help="Model spec of the target.")
 @click.option("--drafter", default="int4", show_default=True,
               help="int4 or int8 (the target with quantized weights), model:SPEC, layerskip:L, ngram:N, "
-                   "head[:PATH] or pruned[:PATH].")
+                   "head[:PATH], pruned[:PATH], or compiled:SPEC (a model drafter's step compiled by torch.compile).")
 @click.option("--rule", "rule_spec", default="greedy", show_default=True, help="Acceptance rule spec.")
 @click.option("--k", default=None, help="Chain length, auto[:K] (certified) or heuristic[:K]; default 3 for int4/int8 "
               "drafters, 4 for others (the fastest measured on the embedded model).")
@@ -166,7 +166,7 @@ def generate(prompt, target, drafter, rule_spec, k, tree, quantile, max_new_toke
 @click.option("--rule", "rules", multiple=True, help="Rule spec (repeatable); default: the standard set.")
 @click.option("--drafter", "drafters", multiple=True,
               help="Drafter spec (repeatable): model:SPEC, layerskip:L, ngram:N, int4, int8, head[:PATH], "
-                   "pruned[:PATH].")
+                   "pruned[:PATH], compiled:SPEC.")
 @click.option("--decode-rule", "decode_rules", multiple=True,
               help="Rules to decode for real with each drafter (repeatable); default: greedy and Medusa's typical.")
 @click.option("--decode-prompts", default=8, show_default=True, help="Prompts decoded for real (batch 1) per run.")

@@ -9,9 +9,10 @@ What compilation needs is inputs whose shapes and strides do not change from ste
 A ``DynamicCache`` grows by concatenation and is cropped to the accepted prefix, so its tensors change; here each
 layer's keys and values live in one buffer of ``capacity`` slots, written in place (``buffer[:, :, slots] = k``), and
 a step attends to the first ``length`` slots through a mask. The number of new tokens, the attended length and the
-capacity are marked dynamic, so one graph serves every step of every prompt: it is compiled once per process
-(about 30 s on 2 cores the first time, a few seconds when inductor finds it in its disk cache). Prompts (``PREFILL``
-rows or more) run the same code eagerly: a long prefill is dominated by its matrix products.
+capacity are marked dynamic, so two graphs (one token; more) serve every step of every prompt: they are compiled
+once per process (about 30 s on 2 cores the first time, a few seconds when inductor finds them in its disk cache),
+when the drafter is made (:meth:`StaticCache.warm_up`). Prompts (``PREFILL`` rows or more, or anything run on an
+empty cache) run the same code eagerly: a long prefill is dominated by its matrix products.
 
 Used through the drafter spec ``compiled:SPEC`` (``compiled:int4``, any :class:`~specert.drafters.ModelDrafter`
 whose model :func:`~specert.models.can_step`).
@@ -89,8 +90,14 @@ class StaticCache:
         """Compile the step now, not inside the first timed generation: run it on a few tokens of each count it
         will see (torch.compile specialises a count of 1 and makes larger ones dynamic: two graphs), then empty
         the cache."""
-        for n in (3, 1, 2):
-            self.forward([0] * n)
+        try:
+            for n in (3, 1, 2):
+                self.forward([0] * n)
+        except Exception as e:  # inductor's many failure types all end here: no compiler, a toolchain error
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise ValueError(f"torch.compile could not compile the drafter's step ({type(e).__name__}: {first}); "
+                             "it needs a working C++ compiler (g++); drop 'compiled:' from the drafter spec to run "
+                             "it eagerly") from None
         self.length = 0
 
     @property
@@ -132,11 +139,12 @@ class StaticCache:
         if past + n > self.capacity:
             self._allocate(2 * (past + n))
         slots = torch.arange(past, past + n)
-        where = slots if positions is None else torch.tensor(positions, dtype=torch.long)
+        # a separate tensor even when equal: torch.compile guards on aliasing, and trees pass their own positions
+        where = torch.arange(past, past + n) if positions is None else torch.tensor(positions, dtype=torch.long)
         if attend is None:
             attend = torch.ones(n, past + n, dtype=torch.bool).tril(past)  # causal after the cache
         ids = torch.tensor(tokens, dtype=torch.long)
-        if n >= PREFILL:
+        if n >= PREFILL or not past:  # a prompt (an empty cache would be one more graph: sizes of 1 specialise)
             step = _step
         else:
             step = _compiled_step()

@@ -61,6 +61,10 @@ def test_generate_cli(embedded, tmp_path):
     assert trace.exists()
     res = runner.invoke(main, ["generate", "--prompt", "Name a fruit.", "--max-new-tokens", "12"])
     assert res.exit_code == 0 and "drafter int4 | rule greedy | k=3" in res.output, res.output
+    res = runner.invoke(main, ["generate", "--prompt", "Name a fruit.", "--drafter", "compiled:int4",
+                               "--max-new-tokens", "24", "--compare"])
+    assert res.exit_code == 0 and "drafter compiled:int4 | rule greedy | k=auto" in res.output, res.output
+    assert "identical to" in res.output
     for args, message in [(["--prompt", ""], "empty"), (["--prompt", "x", "--k", "0"], ">= 1"),
                           (["--prompt", "x", "--rule", "bogus"], "unknown rule"),
                           (["--prompt", "x", "--drafter", "nope:1"], "unknown drafter spec"),

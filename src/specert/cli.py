@@ -99,8 +99,8 @@ def bench(batch, vocab, repeat):
               help="int4 or int8 (the target with quantized weights), model:SPEC, layerskip:L, ngram:N, "
                    "head[:PATH], pruned[:PATH], or compiled:SPEC (a model drafter's step compiled by torch.compile).")
 @click.option("--rule", "rule_spec", default="greedy", show_default=True, help="Acceptance rule spec.")
-@click.option("--k", default=None, help="Chain length, auto[:K] (certified) or heuristic[:K]; default 3 for int4/int8 "
-              "drafters, 4 for others (the fastest measured on the embedded model).")
+@click.option("--k", default=None, help="Chain length, auto[:K] (certified) or heuristic[:K]; default auto for "
+              "compiled: drafters, 3 for int4/int8, 4 for others (among the fastest measured on the embedded model).")
 @click.option("--tree", default=None, help="Tree widths per depth, e.g. 4,2,1, or auto[:B] (instead of --k).")
 @click.option("--quantile", default=0.9, show_default=True, help="KL quantile the auto schedules certify against.")
 @click.option("--max-new-tokens", default=128, show_default=True)
@@ -119,7 +119,7 @@ def generate(prompt, target, drafter, rule_spec, k, tree, quantile, max_new_toke
         raise ValueError("--prompt is empty")
     r = rule(rule_spec)
     if k is None and tree is None:
-        k = 3 if drafter in ("int4", "int8") else 4
+        k = "auto" if drafter.startswith("compiled:") else 3 if drafter in ("int4", "int8") else 4
     make_schedule(k, tree, quantile)
     check_drafter_spec(drafter)
     if max_new_tokens < 1:

@@ -10,7 +10,8 @@ A ``DynamicCache`` grows by concatenation and is cropped to the accepted prefix,
 layer's keys and values live in one buffer of ``capacity`` slots, written in place (``buffer[:, :, slots] = k``), and
 a step attends to the first ``length`` slots through a mask. The number of new tokens, the attended length and the
 capacity are marked dynamic, so two graphs (one token; more) serve every step of every prompt: they are compiled
-once per process (about 30 s on 2 cores the first time, a few seconds when inductor finds them in its disk cache),
+once per process (for the embedded model's int4 copy 91 s on 2 cores the first time, 15 s when inductor finds them
+in its disk cache),
 when the drafter is made (:meth:`StaticCache.warm_up`). Prompts (``PREFILL`` rows or more, or anything run on an
 empty cache) run the same code eagerly: a long prefill is dominated by its matrix products.
 
@@ -51,8 +52,8 @@ def _step(model, keys: list[torch.Tensor], values: list[torch.Tensor], ids: torc
 def _compiled_step():
     global _compiled
     if _compiled is None:
-        print("specert: compiling the drafter's step (once per process; about 30 s on 2 cores the first time, a "
-              "few seconds from inductor's disk cache after)", file=sys.stderr, flush=True)
+        print("specert: compiling the drafter's step (once per process; for the embedded model about 90 s on 2 cores "
+              "the first time, 15 s from inductor's disk cache after)", file=sys.stderr, flush=True)
         _compiled = torch.compile(_step, fullgraph=True)
     return _compiled
 

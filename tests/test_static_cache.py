@@ -57,18 +57,18 @@ def test_static_cache_loads_a_prefill():
 
 
 @pytest.mark.parametrize("shape", [{"k": 3}, {"tree": "2,1"}, {"k": "auto"}])
-def test_compiled_drafter_decodes_losslessly(shape, monkeypatch):
+def test_compiled_drafter_decodes_losslessly(shape):
     """``compiled:int4``, its step compiled by torch.compile, gives the target's own greedy tokens under strict
     greedy in chain and tree mode, and compiles nothing after its warm-up (token counts, lengths and positions are
     dynamic: a recompilation inside a generation would cost it seconds)."""
     target = tiny_model("llama", seed=0)
     drafter = drafter_from_spec("compiled:int4", target)
     assert isinstance(drafter.cache, StaticCache) and drafter.spec == "compiled:int4"
-    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
     accepted = 0
     for prompt in ([5, 17, 30, 200, 17, 30], [7]):
         expected = generate(target, prompt, None, max_new_tokens=30, stop_at_eos=False).tokens
-        got = generate(target, prompt, drafter, "greedy", max_new_tokens=30, stop_at_eos=False, **shape)
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            got = generate(target, prompt, drafter, "greedy", max_new_tokens=30, stop_at_eos=False, **shape)
         assert got.tokens == expected
         accepted += sum(got.accepted)
     assert accepted > 0 or shape.get("k") == "auto"  # a near copy of the target: its fixed drafts are accepted

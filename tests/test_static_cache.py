@@ -87,3 +87,16 @@ def test_a_failed_compilation_says_what_to_do(monkeypatch):
     monkeypatch.setattr(static_cache, "_compiled_step", lambda: broken)
     with pytest.raises(ValueError, match="C\\+\\+ compiler.*drop 'compiled:'"):
         drafter_from_spec("compiled:int4", tiny_model("llama", seed=0))
+
+
+def test_compiled_cache_grows_without_compiling_again():
+    """Past its capacity the cache reallocates larger buffers; the compiled step takes them as they are (the
+    capacity is a dynamic size), and gives the eager step's logits."""
+    model = tiny_model("llama", seed=3).model
+    static, dynamic = StaticCache(model, capacity=8), new_cache(model)
+    static.warm_up()
+    torch.testing.assert_close(static.forward(list(range(3, 9))), forward(model, dynamic, list(range(3, 9))))
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for tokens in ([7], [8, 9], [10, 11, 12], [13]):
+            torch.testing.assert_close(static.forward(tokens), forward(model, dynamic, tokens), rtol=1e-5, atol=1e-5)
+    assert static.capacity > 8 and static.length == dynamic.get_seq_length()

@@ -12,10 +12,9 @@ A ``DynamicCache`` grows by concatenation and is cropped to the accepted prefix,
 layer's keys and values live in one buffer of ``capacity`` slots, written in place (``buffer[:, :, slots] = k``), and
 a step attends to the first ``length`` slots through a mask. The number of new tokens, the attended length and the
 capacity are marked dynamic, so two graphs (one token; more) serve every step of every prompt: they are compiled
-once per process (for the embedded model's int4 copy 91 s on 2 cores the first time, 15 s when inductor finds them
-in its disk cache),
-when the drafter is made (:meth:`StaticCache.warm_up`). Prompts (``PREFILL`` rows or more, or anything run on an
-empty cache) run the same code eagerly: a long prefill is dominated by its matrix products.
+once per process, when the drafter is made (:meth:`StaticCache.warm_up`): for the embedded model's int4 copy 91 s on
+2 cores the first time, 15 s when inductor finds them in its disk cache. Prompts (``PREFILL_ROWS`` rows or more, or
+anything run on an empty cache) run the same code eagerly: a long prefill is dominated by its matrix products.
 
 Used through the drafter spec ``compiled:SPEC`` (``compiled:int4``, any :class:`~specert.drafters.ModelDrafter`
 whose model :func:`~specert.models.can_step`).
@@ -30,7 +29,6 @@ import torch
 from specert.models import _rotary, linear, run_layers
 from specert.quantized import PREFILL_ROWS
 
-PREFILL = PREFILL_ROWS  # rows from which a forward runs eagerly (the quantized layers switch to float products there)
 _compiled = None  # the compiled step, made on first use (compiling is the slow part, not this)
 
 
@@ -147,7 +145,7 @@ class StaticCache:
         if attend is None:
             attend = torch.ones(n, past + n, dtype=torch.bool).tril(past)  # causal after the cache
         ids = torch.tensor(tokens, dtype=torch.long)
-        if n >= PREFILL or not past:  # a prompt (an empty cache would be one more graph: sizes of 1 specialise)
+        if n >= PREFILL_ROWS or not past:  # a prompt (an empty cache would be one more graph: sizes of 1 specialise)
             step = _step
         else:
             step = _compiled_step()

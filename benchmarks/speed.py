@@ -9,7 +9,7 @@ script checks it.
     python benchmarks/speed.py --per-category 2 --max-new-tokens 64
 
 Model drafters (``--model-drafter``, default ``int4`` for the embedded target: the target with 4-bit weights; also
-``int8``, ``pruned[:FILE]`` or ``model:SPEC``) run in
+``int8``, ``pruned[:FILE]``, ``model:SPEC`` or ``compiled:SPEC``, their step compiled) run in
 specert as a chain of ``--model-k`` tokens and in transformers as ``assistant_model`` with its default schedule
 (up to 20 tokens, stopping early below a confidence of 0.4).
 

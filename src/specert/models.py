@@ -231,9 +231,9 @@ def choose_layout(model, rows: tuple[int, ...] = (1, 4), repeats: int = 3, clock
     if not weights:
         return _COLUMNS
     seconds = {}
+    inputs = {n: {w.shape[1]: torch.randn(n, w.shape[1]) for w in weights} for n in rows}  # the same for both
     with torch.inference_mode():
         for columns in (False, True):
-            inputs = {n: {w.shape[1]: torch.randn(n, w.shape[1]) for w in weights} for n in rows}
             best = float("inf")
             for _ in range(repeats):
                 start = clock()

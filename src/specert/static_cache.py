@@ -66,8 +66,8 @@ class StaticCache:
     def __init__(self, model, capacity: int = 1024):
         config = model.config
         self.model = model
-        self.shape = (1, config.num_key_value_heads,
-                      getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
+        self.kv_heads = config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.dtype = model.model.embed_tokens.weight.dtype
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
@@ -79,7 +79,7 @@ class StaticCache:
         """(Re)allocate the buffers with ``capacity`` slots, keeping the ``length`` held."""
         layers = self.model.config.num_hidden_layers
         old = (self.keys, self.values)
-        self.keys, self.values = ([torch.zeros(*self.shape[:2], capacity, self.shape[2], dtype=self.dtype)
+        self.keys, self.values = ([torch.zeros(1, self.kv_heads, capacity, self.head_dim, dtype=self.dtype)
                                    for _ in range(layers)] for _ in range(2))
         for new, held in zip((self.keys, self.values), old):
             for buffer, kept in zip(new, held):

@@ -61,6 +61,38 @@ def test_drafter_certificate_equals_brute_force():
         assert exact == pytest.approx(reference.brute_drafter_certificate(q, m), abs=1e-6), (x, m)
 
 
+def test_drafter_certificate_closed_form_for_one_candidate_matches_the_group_construction():
+    """D_q(1)'s closed form (two top logits, one pass) against the general group construction at m = 1: small and
+    full-size vocabularies, float32 and float64, ties at the top and at the second place, a concentrated drafter
+    (the far branch), masked tokens, and one token of non-zero mass."""
+    from specert.certificates import _drafter_certificate_group, _drafter_certificate_top1
+
+    rng = np.random.default_rng(3)
+    rows = [random_logits(rng, int(rng.integers(2, 9))) for _ in range(CASES)]
+    big = [rng.normal(size=49152) * s for s in (0.5, 2.0, 6.0)]
+    for x in big[:2]:
+        peaked = x.copy()
+        peaked[17] = x.max() + 30  # q_1 ~ 1: the far branch
+        sure = x.copy()
+        sure[23] = x.max() + 90  # 1 - q_1 below float64's resolution next to 1: only the far branch is finite
+        tied = x.copy()
+        tied[5] = tied[9] = x.max() + 2  # a tie at the top: D = 0
+        second = x.copy()
+        second[3], second[4], second[8] = x.max() + 3, x.max() + 1, x.max() + 1  # a tie at the second place
+        rows += [peaked, sure, tied, second]
+    rows += big + [np.array([0.0, -np.inf, -np.inf]), np.array([1.0, 1.0 - 1e-6, -3.0])]
+    for x in rows:
+        for dtype in (torch.float32, torch.float64):
+            logits = torch.tensor(x, dtype=dtype)[None]
+            closed = float(_drafter_certificate_top1(logits)[0])
+            group = float(_drafter_certificate_group(logits, 1)[0])
+            if math.isinf(group):
+                assert math.isinf(closed), x
+            else:
+                assert closed == pytest.approx(group, rel=2e-5, abs=1e-12), (x, dtype)
+            assert closed == float(specert.drafter_certificate(logits[0], 1))  # the public path is the closed form
+
+
 def _drafters(rng, x, n):
     """n drafter logits [n, V]: perturbations of the target at many scales, and unrelated ones."""
     v = len(x)

@@ -274,8 +274,39 @@ def test_certified_chain_drafts_to_lengths_that_verify_cheaply(verify_costs):
     assert chain() == 3
     measure(dear[:6] + [2.0, 5.1])  # ... but 8 tokens verify in 2
     assert chain() == 7
-    measure(dear[:3])  # too few timings of 4 drafted tokens and more: the prior there
-    assert s.verify_costs()[4:] == [verify_cost(n) for n in range(4, 9)] and chain() == 8
+    measure(dear[:3])  # too few timings of 4 drafted tokens and more: the line through the measured lengths
+    line = np.polyfit([1, 2, 3], dear[:3], 1)
+    assert s.verify_costs()[4:] == pytest.approx(np.polyval(line, range(4, 9))) and chain() == 8
+    measure([1.0])  # one length measured: the prior elsewhere
+    assert s.verify_costs()[2:] == [verify_cost(n) for n in range(2, 9)]
+    measure([verify_cost(1), 1.2])  # lengths that grow cheaper: the line's slope is taken as 0 (their mean)
+    assert s.verify_costs()[3:] == pytest.approx([(verify_cost(1) + 1.2) / 2] * 6)
+
+
+def test_certified_chain_drafts_past_lengths_it_has_not_measured_at_this_machines_rate():
+    """Measured verifications that cost far less per drafted token than the prior's slope are extrapolated to the
+    lengths not drafted yet, instead of the prior: a sure chain runs on to them and so measures them. (On the
+    embedded model k=auto stopped at 9 drafted tokens: the prior priced 10 and more above what 9 measured.)"""
+    from specert.schedules import MEASURED, CertifiedSchedule, verify_cost
+
+    sure = torch.tensor([[6.0, 0, 0, 0, 0, 0, 0, 0]])
+    s = CertifiedSchedule(max_depth=12, cost=0.1)
+    s.eps_hat = 0.01
+    s.history.reached, s.history.accepted = [0.0, 100.0], [0.0, 99.0]
+    s.history.yields.extend([(4, 5)] * 4)
+
+    def chain():
+        depth = 0
+        while depth < 12 and s.widths(depth, sure, 1, 100)[0]:
+            depth += 1
+        return depth
+
+    one = verify_cost(1)  # V(1), the unit's own measure (a one-token forward taking 0.5 s)
+    for n in range(1, 5):  # V(1 .. 4) measured: 0.05 per drafted token
+        s.history.steps.extend([(n, 0.0, 0.5 * (one + 0.05 * (n - 1)))] * MEASURED)
+    assert s.verify_costs()[5:] == pytest.approx([one + 0.05 * (n - 1) for n in range(5, 13)])
+    assert verify_cost(5) - s.verify_costs()[4] > 0.5  # the prior would price the fifth token at 0.6 forwards
+    assert chain() == 12
 
 
 def test_certified_chain_learns_from_where_it_stopped():

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from specert.rules import Rule, Tree
@@ -221,6 +222,9 @@ def drafter_certificate(draft_logits, m: int = 1):
     q concentrating on one token (m = 1)          grows without bound
     ============================================  ===========
 
+    For m = 1 the group is the top two tokens and the certificate has the closed form of
+    :func:`_drafter_certificate_top1`, computed without a ``topk`` (what a certified chain asks at every position).
+
     Args:
         draft_logits: ``[..., V]`` drafter logits (torch or numpy, any float dtype).
         m: the width of the drafter's candidate set, 1 <= m < V.
@@ -230,30 +234,64 @@ def drafter_certificate(draft_logits, m: int = 1):
     draft = as_logits(draft_logits, "draft_logits")
     if not isinstance(m, int) or isinstance(m, bool) or not 1 <= m < draft.vocab_size:
         raise ValueError(f"m must be a whole number with 1 <= m < V = {draft.vocab_size}, got {m!r}")
+    if m == 1:
+        return draft.output(map_blocks(_drafter_certificate_top1, draft.values))
+    return draft.output(map_blocks(lambda block: _drafter_certificate_group(block, m), draft.values))
 
-    def block(logits):
-        stats = TargetStats.of(logits, k=m + 1)  # the drafter's top m + 1: all that D_q(m) needs
-        logq = stats.top_logp[:, : m + 1]  # [n, m+1]
-        j = logq[:, m]
-        top = logq[:, :m]
-        # Running mean of log q over the group before adding top token i: (log q_j + sum_{l<i} log q_l) / (i + 1).
-        before = (j[:, None] + torch.cumsum(top, -1) - top) / torch.arange(1, m + 1, dtype=torch.float64)
-        above = _prefix((top > before) & (top > j[:, None]))  # [n, m]
-        member = torch.cat([above, torch.ones_like(above[:, :1])], -1)  # [n, m+1]: j is the last column
-        count = member.sum(-1).double()
-        log_gm = torch.where(member, logq, 0.0).sum(-1) / count  # [n]
-        delta = torch.where(member, logq - log_gm[:, None], 0.0)
-        # 1 - Z = sum_G (q_i - GM) = GM * sum_G (expm1(delta_i) - delta_i), each term >= 0 (sum delta = 0).
-        shortfall = torch.exp(log_gm) * (torch.expm1(delta) - delta).sum(-1)
-        d = -torch.log1p(-shortfall)
-        far = shortfall > 0.5
-        if far.any():
-            # Z is small: compute it from the mass outside the group, not as 1 - (something near 1).
-            rows = logits[far].scatter(-1, stats.top_index[far, : m + 1], float("-inf"))
-            outside = torch.exp(torch.logsumexp(rows.double(), -1) - stats.lse[far])
-            inside_free = torch.where(member[far], 0.0, torch.exp(logq[far])).sum(-1)
-            d[far] = -torch.log(outside + inside_free + count[far] * torch.exp(log_gm[far]))
-        d = torch.where(torch.isneginf(j), math.inf, d)
-        return round_down(d, logits.dtype)
 
-    return draft.output(block(draft.values))
+def _drafter_certificate_group(logits: torch.Tensor, m: int) -> torch.Tensor:
+    """D_q(m) of logits ``[n, V]`` by the group construction of :func:`drafter_certificate` (any m)."""
+    stats = TargetStats.of(logits, k=m + 1)  # the drafter's top m + 1: all that D_q(m) needs
+    logq = stats.top_logp[:, : m + 1]  # [n, m+1]
+    j = logq[:, m]
+    top = logq[:, :m]
+    # Running mean of log q over the group before adding top token i: (log q_j + sum_{l<i} log q_l) / (i + 1).
+    before = (j[:, None] + torch.cumsum(top, -1) - top) / torch.arange(1, m + 1, dtype=torch.float64)
+    above = _prefix((top > before) & (top > j[:, None]))  # [n, m]
+    member = torch.cat([above, torch.ones_like(above[:, :1])], -1)  # [n, m+1]: j is the last column
+    count = member.sum(-1).double()
+    log_gm = torch.where(member, logq, 0.0).sum(-1) / count  # [n]
+    delta = torch.where(member, logq - log_gm[:, None], 0.0)
+    # 1 - Z = sum_G (q_i - GM) = GM * sum_G (expm1(delta_i) - delta_i), each term >= 0 (sum delta = 0).
+    shortfall = torch.exp(log_gm) * (torch.expm1(delta) - delta).sum(-1)
+    d = -torch.log1p(-shortfall)
+    far = shortfall > 0.5
+    if far.any():
+        # Z is small: compute it from the mass outside the group, not as 1 - (something near 1).
+        rows = logits[far].scatter(-1, stats.top_index[far, : m + 1], float("-inf"))
+        outside = torch.exp(torch.logsumexp(rows.double(), -1) - stats.lse[far])
+        inside_free = torch.where(member[far], 0.0, torch.exp(logq[far])).sum(-1)
+        d[far] = -torch.log(outside + inside_free + count[far] * torch.exp(log_gm[far]))
+    d = torch.where(torch.isneginf(j), math.inf, d)
+    return round_down(d, logits.dtype)
+
+
+def _drafter_certificate_top1(logits: torch.Tensor) -> torch.Tensor:
+    r"""D_q(1) of logits ``[n, V]``: with q_1 >= q_2 the drafter's two most probable tokens, G = {1, 2} and
+    GM = sqrt(q_1 q_2), so (THEORY.md section 7, m = 1)
+
+    .. math::
+
+        D_q(1) = -\log\big(1 - (\sqrt{q_1} - \sqrt{q_2})^2\big)
+               = \log S - \log\big(2 e^{-d/2} + R\big),
+
+    with d = l_1 - l_2 the gap of the two top logits, S = sum_x e^{l_x - l_1} = 1 + e^{-d} + R and R the same sum
+    over the other tokens. The first form is computed as ``-log1p(-expm1(-d/2)^2 / S)`` (exact near a tie, where d
+    is small: d is the difference of two logits, exact in float64), the second where the gap (sqrt(q_1) -
+    sqrt(q_2))^2 exceeds 1/2 (q concentrated: there 1 - gap would cancel). Rounded down.
+
+    NOTE: the two top tokens are found with numpy's ``argmax`` (vectorised; torch's CPU ``argmax`` and ``topk`` take
+    10-30x longer on one row of 49k logits): a chain's certificate costs about a third of the general path's.
+    """
+    first = torch.from_numpy(logits.numpy().argmax(-1))[:, None]
+    top1 = logits.gather(-1, first)
+    rest = logits.scatter(-1, first, -math.inf)
+    second = torch.from_numpy(rest.numpy().argmax(-1))[:, None]
+    # float64 from here (numpy: a handful of values per row, where each torch call would cost more than its work)
+    d = (top1 - rest.gather(-1, second)).squeeze(-1).double().numpy()  # inf when q has one token of mass: D = inf
+    outside = torch.exp(rest.scatter_(-1, second, -math.inf) - top1).sum(-1).double().numpy()  # R
+    total = 1 + np.exp(-d) + outside  # S
+    gap = np.expm1(-d / 2) ** 2 / total
+    with np.errstate(divide="ignore"):  # log(0) = -inf where q has one token of mass
+        far = np.log(total) - np.log(2 * np.exp(-d / 2) + outside)
+    return round_down(torch.from_numpy(np.where(gap > 0.5, far, -np.log1p(-gap))), logits.dtype)

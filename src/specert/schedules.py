@@ -217,8 +217,10 @@ class CertifiedSchedule(Schedule):
     def verify_costs(self) -> list[float]:
         """V(0), V(1), ... V(max_depth): the target's forward, in one-token forwards, when it verifies that many
         drafted tokens. V(0) = 1; V(n) is the mean seconds of the latest verifications of n drafted tokens over a
-        one-token forward's once ``MEASURED`` of them were timed, the prior ``VERIFY_COST + n VERIFY_TOKEN_COST``
-        before."""
+        one-token forward's once ``MEASURED`` of them were timed. A length not measured yet gets the least-squares
+        line a + b n (b >= 0) through the measured ones once two lengths were, the prior ``VERIFY_COST + n
+        VERIFY_TOKEN_COST`` before: the prior's slope may be far from this machine's, and a chain that never drafts
+        to a length it overprices never measures it."""
         table, one = [verify_cost(n) for n in range(self.max_depth + 1)], self.forward_seconds()
         if not one:
             return table
@@ -227,7 +229,15 @@ class CertifiedSchedule(Schedule):
             if 0 < n < len(table):
                 seconds[n] += s
                 counts[n] += 1
-        return [seconds[n] / counts[n] / one if n and counts[n] >= MEASURED else v for n, v in enumerate(table)]
+        measured = [n for n in range(1, len(table)) if counts[n] >= MEASURED]
+        for n in measured:
+            table[n] = seconds[n] / counts[n] / one
+        if len(measured) >= 2:
+            b, a = np.polyfit(measured, [table[n] for n in measured], 1)
+            if b < 0:
+                a, b = float(np.mean([table[n] for n in measured])), 0.0
+            table = [v if n == 0 or n in measured else float(a + b * n) for n, v in enumerate(table)]
+        return table
 
     def forward_seconds(self) -> float | None:
         """A one-token target forward's seconds, the unit of every cost: the latest verifications of at most one

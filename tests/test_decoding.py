@@ -309,6 +309,28 @@ def test_certified_chain_drafts_past_lengths_it_has_not_measured_at_this_machine
     assert chain() == 12
 
 
+def test_certified_chain_without_a_distribution_stops_on_its_measured_acceptance():
+    """A drafter without a distribution (n-grams) gets no certificates: its chain is measured from its first step,
+    every position uncertified, and stops by the rule on that rate (it drafted every chain to the limit before)."""
+    from specert.drafters import DraftTree
+    from specert.schedules import CertifiedSchedule
+
+    s = CertifiedSchedule(max_depth=8, cost=0.3)
+    assert s.widths(0, None, 1, 100) == [1]  # nothing measured: it drafts, to learn
+    tree = DraftTree([5], [-1], None, [False] * 2)
+    target = torch.zeros(2, 8)
+    target[0, 2] = 5.0  # rejects the drafted token
+    s.observe(tree, target, [])
+    assert s.history.reached == [1.0, 0.0] and s.history.accepted == [0.0, 0.0]
+    s.history.reached, s.history.accepted = [60.0, 0.0], [6.0, 0.0]  # right 1 time in 10: drafting cannot pay
+    assert s.widths(0, None, 1, 100) == [0]
+    s.history.reached, s.history.accepted = [60.0, 0.0], [57.0, 0.0]  # right 19 times in 20: a long chain
+    depth = 0
+    while depth < 8 and s.widths(depth, None, 1, 100)[0]:
+        depth += 1
+    assert depth == 8
+
+
 def test_certified_chain_learns_from_where_it_stopped():
     """After a fully accepted chain, the target's bonus token says whether the token the drafter would have drafted
     where the chain stopped was right: the stop is measured without drafting it."""

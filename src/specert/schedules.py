@@ -54,7 +54,8 @@ and the positions after it, whose class is not known yet, with the mean rate of 
 matters because the first drafted token carries the verification's fixed cost (V(1) - 1) and V is uneven: a chain
 that opens on an uncertified token may still pay over its certified ones. For a drafter far from the target alpha_u
 is small and the chain ends at the first uncertified position (the paper's rule); for a close, cheap one it runs on
-past it.
+past it. A drafter without a distribution (n-grams) has no certified positions: its chain stops by the same rule
+on its measured acceptance rate alone.
 
 The guarantee audit counts, at verified certified positions (every position of a certified tree, the certified
 ones of a chain): ``held`` (KL <= the eps_hat the width was chosen with), ``held_covered`` (of those, the target's
@@ -286,20 +287,27 @@ class CertifiedSchedule(Schedule):
             # near the end of the generation there is no long run to earn lambda in: what the chain does not
             # draft, plain decoding (rate 1) must produce
             self._rate = self.rate(*self._costs) if self.room >= self.max_depth else 1.0
-        certified = self.eps_hat > 0 and float(drafter_certificate(q, 1)) > self.eps_hat
+        certified = q is not None and self.eps_hat > 0 and float(drafter_certificate(q, 1)) > self.eps_hat
         survive = self._survive * self.alpha(certified)
-        if self.eps_hat > 0 and not self.pays(depth, survive):
-            self._stop = (certified, int(q.argmax()))  # what it would have drafted: verification still tells
+        if self._measuring(q is not None) and not self.pays(depth, survive):
+            # what it would have drafted, for verification to judge (a drafter without a distribution: not known)
+            self._stop = (certified, int(q.argmax())) if q is not None else None
             return 0
         self._survive = survive
         self._drafted.append(certified)
         return 1
 
+    def _measuring(self, distribution: bool) -> bool:
+        """Whether the chain's classes are measured: once eps_hat is (a drafter with a distribution; before, every
+        position would count as uncertified), from the first step for a drafter without one (every position
+        uncertified: alpha_u is its acceptance rate, and the stopping rule runs on it alone)."""
+        return self.eps_hat > 0 or not distribution
+
     def widths(self, depth, logits, frontier, budget_left):
-        if logits is None:  # no distribution to certify: draft a plain chain
-            return [1] * frontier if budget_left >= frontier else [0] * frontier
         if self.max_width == 1 and frontier == 1:
-            return [self._chain_width(depth, logits[0]) if budget_left else 0]
+            return [self._chain_width(depth, None if logits is None else logits[0]) if budget_left else 0]
+        if logits is None:  # no distribution to certify: a plain tree level
+            return [1] * frontier if budget_left >= frontier else [0] * frontier
         out = []
         for i in range(frontier):
             m = 0
@@ -328,7 +336,8 @@ class CertifiedSchedule(Schedule):
             h.yields.append((len(tree.tokens), len(path) + 1))
         drafted, self._drafted = self._drafted, []  # a chain's positions: certified or not
         stop, self._stop = self._stop, None
-        if self.max_width == 1 and self.eps_hat > 0:  # the chain's acceptance by class (before eps_hat moves)
+        # the chain's acceptance by class (before eps_hat moves)
+        if self.max_width == 1 and self._measuring(tree.logits is not None):
             seen = [(certified, j < len(path)) for j, certified in enumerate(drafted[: len(tree.tokens)])
                     if j <= len(path)]
             if stop is not None and len(path) == len(drafted):  # the target's bonus token judges the stop

@@ -99,9 +99,10 @@ def run_select(cfg: SelectConfig, out: Path, progress: bool = True) -> dict:
         kind, value = next(iter(s.items()))
         speedup = res["tokens_per_second"] / base_tps
         ok = res["agreement"] >= cfg.min_agreement and res["nll"] <= res["nll_greedy"] + cfg.max_nll_increase
+        accepted = res["mean_acceptance_length"]  # NaN where nothing was drafted (JSON: null)
         rows.append({"drafter": d, "rule": r, kind: value, "shape": f"{kind}={value}", "speedup": speedup,
                      "tokens_per_second": res["tokens_per_second"], "mean_acceptance_length":
-                     res["mean_acceptance_length"], "agreement": res["agreement"], "nll": res["nll"],
+                     accepted if math.isfinite(accepted) else None, "agreement": res["agreement"], "nll": res["nll"],
                      "nll_greedy": res["nll_greedy"], "meets_quality": ok,
                      "soundness_violations": res["soundness_violations"],
                      "generate_options": f"--target {cfg.target} --drafter {d} --rule '{r}' --{kind} {value}"})
@@ -124,8 +125,9 @@ def _write(out: Path, cfg: SelectConfig, result: dict) -> None:
     table = Table("Candidates (tokens/s relative to the target alone, same run)",
                   ["drafter", "rule", "shape", "speedup", "mean acceptance length", "agreement", "NLL", "NLL greedy",
                    "meets quality"],
-                  [[r["drafter"], r["rule"], r["shape"], r["speedup"], r["mean_acceptance_length"], r["agreement"],
-                    r["nll"], r["nll_greedy"], r["meets_quality"]] for r in rows])
+                  [[r["drafter"], r["rule"], r["shape"], r["speedup"],
+                    r["mean_acceptance_length"] if r["mean_acceptance_length"] is not None else math.nan,
+                    r["agreement"], r["nll"], r["nll_greedy"], r["meets_quality"]] for r in rows])
     dtable = Table("Drafters along the target's greedy text", ["drafter", "KL median", "KL p90"]
                    + [f"certified {r}" for r in cfg.rules] + [f"accepted {r}" for r in cfg.rules],
                    [[d, s["kl_median"] if s["kl_median"] is not None else math.nan,

@@ -331,6 +331,34 @@ def test_certified_chain_without_a_distribution_stops_on_its_measured_acceptance
     assert depth == 8
 
 
+def test_a_chain_does_not_score_a_last_token_whose_successor_cannot_pay(target):
+    """may_extend: the certified chain asks the drafter for the logits after its latest token only if the position
+    there may pay with the better class's acceptance rate (it stops there otherwise, whatever its class): the
+    drafter's forward is skipped, and the output stays the target's greedy output."""
+    from specert.schedules import CertifiedSchedule, FixedSchedule
+
+    s = CertifiedSchedule(max_depth=8, cost=0.3)
+    assert s.may_extend(1)  # nothing measured yet: it drafts, to learn
+    s.eps_hat = 0.01
+    s.history.reached, s.history.accepted = [50.0, 50.0], [5.0, 10.0]  # right 1 time in 5 at best
+    s._survive = 0.2
+    assert not s.may_extend(1)
+    s.history.reached, s.history.accepted = [50.0, 50.0], [5.0, 49.0]  # certified ones nearly always right
+    s._survive = 0.98
+    assert s.may_extend(1)
+    assert CertifiedSchedule(max_width=8).may_extend(3) and FixedSchedule([1, 1]).may_extend(1)  # trees, fixed
+
+    class Stop(FixedSchedule):  # a chain of 3 that refuses to look past its first token
+        def may_extend(self, depth):
+            return depth < 1
+
+    drafter = ModelDrafter(layer_skip_view(target.model, 2), "layerskip:2")
+    runs = []
+    drafter._run = lambda tokens, _run=drafter._run: runs.append(len(tokens)) or _run(tokens)
+    tree = drafter.propose(PROMPT, Stop([1, 1, 1]))
+    assert len(tree.tokens) == 1 and len(runs) == 1  # the context's forward only: the drafted token not scored
+
+
 def test_certified_chain_learns_from_where_it_stopped():
     """After a fully accepted chain, the target's bonus token says whether the token the drafter would have drafted
     where the chain stopped was right: the stop is measured without drafting it."""
@@ -531,3 +559,17 @@ def test_a_tree_drafters_next_proposal_keeps_the_accepted_path(monkeypatch):
     other = list(PROMPT[:-1]) + [3, 4]
     assert torch.allclose(drafter.propose(other, make_schedule(**shape)).logits,
                           fresh.propose(other, make_schedule(**shape)).logits, atol=1e-9, equal_nan=True)
+
+
+def test_argmax_is_torchs_argmax():
+    """tensors.argmax (numpy's, for speed) picks what torch's argmax picks: rows and single rows, float32, float64
+    and bfloat16, the first index on ties, -inf masks."""
+    from specert.tensors import argmax
+
+    rng = np.random.default_rng(0)
+    x = torch.tensor(rng.normal(size=(6, 49152)), dtype=torch.float32)
+    x[1, 7] = x[1, 300] = x[1].max() + 1  # a tie: the first index
+    x[2, :100] = float("-inf")
+    for values in (x, x.double(), x.bfloat16(), x[1], x[2].double()):
+        assert torch.equal(argmax(values), values.argmax(-1))
+    assert int(argmax(x[1])) == 7

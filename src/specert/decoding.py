@@ -31,6 +31,7 @@ from specert.models import LoadedModel, cache_length, forward_features, keep_cac
 from specert.rules import Rule
 from specert.rules import rule as as_rule
 from specert.schedules import History, Schedule, make_schedule
+from specert.tensors import argmax
 from specert.trace import StepTrace, trace_positions
 
 
@@ -98,7 +99,7 @@ def _step(target, cache, drafter: Drafter, r: Rule, context: list[int], schedule
         path = _longest_path(tree, ok, score)
     else:
         path = []
-    bonus = int(logits[path[-1] + 1 if path else 0].argmax())
+    bonus = int(argmax(logits[path[-1] + 1 if path else 0]))
     keep_cache(cache, past + 1, [past + 1 + i for i in path])  # 4. sync: keep the accepted path only
     if states is not None:  # a drafter reading the target's states gets those of the kept tokens
         drafter.target_ran(past, states[[0] + [1 + i for i in path]])
@@ -163,7 +164,7 @@ def generate(target: LoadedModel, prompt: list[int], drafter: Drafter | None = N
                 logits, states = forward_features(target.model, cache, [context[-1]], layers)
                 if states is not None:
                     drafter.target_ran(len(context) - 1, states)
-                emitted, tree_, path = [int(logits[-1].argmax())], None, []
+                emitted, tree_, path = [int(argmax(logits[-1]))], None, []
             else:
                 schedule.room = room
                 emitted, tree_, logits, path = _step(target, cache, drafter, r, context, schedule)

@@ -35,6 +35,7 @@ from specert.models import LoadedModel, cache_length, can_step, forward, keep_ca
 from specert.quantized import PREFILL_ROWS, quantized_copy
 from specert.schedules import History, Schedule
 from specert.static_cache import StaticCache
+from specert.tensors import argmax
 
 
 @dataclass
@@ -63,13 +64,9 @@ def is_chain(parents: list[int]) -> bool:
 
 
 def top_tokens(logits: torch.Tensor, width: int) -> list[int]:
-    """The ``width`` most probable tokens of one row of logits ``[V]``, most probable first.
-
-    NOTE: one token (a chain) comes from numpy's ``argmax``: torch's CPU ``topk`` and ``argmax`` take about 0.1 ms on
-    one row of 49k logits, numpy's a few microseconds, and a chain asks at every drafted position."""
-    if width == 1 and logits.dtype in (torch.float32, torch.float64):
-        return [int(logits.detach().numpy().argmax())]
-    return torch.topk(logits, width).indices.tolist()
+    """The ``width`` most probable tokens of one row of logits ``[V]``, most probable first (one token, a chain's:
+    :func:`~specert.tensors.argmax`, far faster than ``topk`` on a CPU)."""
+    return [int(argmax(logits))] if width == 1 else torch.topk(logits, width).indices.tolist()
 
 
 def ancestors(parents: list[int]) -> torch.Tensor:
@@ -215,7 +212,7 @@ class ModelDrafter(Drafter):
                     tokens += top_tokens(rows[pos + 1], width)
                     parents += [pos] * width
             frontier = list(range(level_start, len(tokens)))
-            if not frontier or depth == schedule.depths - 1:
+            if not frontier or depth == schedule.depths - 1 or not schedule.may_extend(depth + 1):
                 break
             rows += self._score_level(tokens, parents, frontier, base, depth)
         n = len(tokens)
@@ -307,10 +304,10 @@ class HeadDrafter(Drafter):
             level_start = len(tokens)
             for pos, width in zip(frontier, widths):
                 if width:
-                    tokens += head.vocab[torch.topk(small[pos][:-1], width).indices].tolist()
+                    tokens += head.vocab[top_tokens(small[pos][:-1], width)].tolist()
                     parents += [pos] * width
             frontier = list(range(level_start, len(tokens)))
-            if not frontier or depth == schedule.depths - 1:
+            if not frontier or depth == schedule.depths - 1 or not schedule.may_extend(depth + 1):
                 break
             past = n + level_start  # every earlier node is in the cache, node i at entry n + i
             anc = ancestors(parents)

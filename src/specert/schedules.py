@@ -74,6 +74,7 @@ import torch
 
 from specert.certificates import drafter_certificate
 from specert.divergence import kl_near
+from specert.tensors import argmax
 
 
 class Schedule:
@@ -95,6 +96,11 @@ class Schedule:
         """Widths of the ``frontier`` positions at ``depth``; ``logits [frontier, V]`` are the drafter's there
         (None for drafters without a distribution)."""
         raise NotImplementedError
+
+    def may_extend(self, depth: int) -> bool:
+        """Whether a position at ``depth`` may still get a width > 0: if not, the drafter does not score the level
+        before it (a forward whose logits nothing would use). Default: yes."""
+        return True
 
     def observe(self, tree, target_logits: torch.Tensor, path: list[int]) -> None:
         """Learn from a verified step (default: nothing)."""
@@ -125,6 +131,14 @@ MEASURED = 3  # verifications of n drafted tokens timed before V(n) is theirs in
 # rare with a close drafter, and a window over all positions would leave them a few samples and the estimate its
 # prior of 1/2.
 RECENT = 256
+
+
+def _line(x, y) -> tuple[float, float]:
+    """The least-squares line y = a + b x, (a, b), for x that varies (np.polyfit's answer without its overhead)."""
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    dx = x - x.mean()
+    b = float((dx * (y - y.mean())).sum() / (dx * dx).sum())
+    return float(y.mean() - b * x.mean()), b
 
 
 def verify_cost(drafted: int) -> float:
@@ -192,6 +206,7 @@ class CertifiedSchedule(Schedule):
         self.counts = dict(held=0, held_covered=0, exceeded=0, certified_reached=0, certified_accepted=0,
                            uncertified_reached=0, uncertified_accepted=0)  # this generation's (the audit)
         self._drafted: list[bool] = []  # this step's chain: certified or not, per position
+        self._survive = 1.0  # the chance the chain's latest drafted token survives
         self._stop: tuple[bool, int] | None = None  # where it stopped: (certified, the drafter's token there)
         self._backoff = self._skip = 0  # steps to decode without the drafter after it drafted nothing
         self._costs, self._rate = (0.0, 0.0), 1.0  # (F, c) and lambda for this step
@@ -210,7 +225,7 @@ class CertifiedSchedule(Schedule):
         if not one or not n.sum():
             return 0.0, 0.0
         y = np.array([seconds for _, seconds, _ in steps])
-        b, a = np.polyfit(n, y, 1) if n.var() > 0.5 else (0.0, -1.0)
+        a, b = _line(n, y) if n.var() > 0.5 else (-1.0, 0.0)
         if not (a >= 0 and b > 0):
             a, b = 0.0, y.sum() / n.sum()
         return a / one, b / one
@@ -234,7 +249,7 @@ class CertifiedSchedule(Schedule):
         for n in measured:
             table[n] = seconds[n] / counts[n] / one
         if len(measured) >= 2:
-            b, a = np.polyfit(measured, [table[n] for n in measured], 1)
+            a, b = _line(measured, [table[n] for n in measured])
             if b < 0:
                 a, b = float(np.mean([table[n] for n in measured])), 0.0
             table = [v if n == 0 or n in measured else float(a + b * n) for n, v in enumerate(table)]
@@ -291,11 +306,19 @@ class CertifiedSchedule(Schedule):
         survive = self._survive * self.alpha(certified)
         if self._measuring(q is not None) and not self.pays(depth, survive):
             # what it would have drafted, for verification to judge (a drafter without a distribution: not known)
-            self._stop = (certified, int(q.argmax())) if q is not None else None
+            self._stop = (certified, int(argmax(q))) if q is not None else None
             return 0
         self._survive = survive
         self._drafted.append(certified)
         return 1
+
+    def may_extend(self, depth):
+        """A chain scores its last token only if the position after it may pay: drafted there, with the better of
+        the two classes' acceptance rates (which the class found there could not exceed), some chain length must
+        pay. Otherwise it stops now, as it would after scoring, and saves the drafter's forward."""
+        if self.max_width > 1 or not self._measuring(True):
+            return True
+        return self.pays(depth, self._survive * max(self.alpha(True), self.alpha(False)))
 
     def _measuring(self, distribution: bool) -> bool:
         """Whether the chain's classes are measured: once eps_hat is (a drafter with a distribution; before, every
@@ -342,7 +365,7 @@ class CertifiedSchedule(Schedule):
                     if j <= len(path)]
             if stop is not None and len(path) == len(drafted):  # the target's bonus token judges the stop
                 certified, token = stop
-                seen.append((certified, int(target_logits[len(path)].argmax()) == token))
+                seen.append((certified, int(argmax(target_logits[len(path)])) == token))
             for certified, accepted in seen:
                 name = "certified" if certified else "uncertified"
                 h.reached[certified] *= 1 - 1 / RECENT  # older positions of the class weigh less (RECENT)
@@ -356,7 +379,7 @@ class CertifiedSchedule(Schedule):
             return
         rows = torch.tensor([p + 1 for p in positions])
         divergence = kl_near(target_logits[rows], tree.logits[rows], self.eps_hat).tolist()
-        greedy = target_logits[rows].argmax(-1).tolist()
+        greedy = argmax(target_logits[rows]).tolist()
         for j, (pos, d, x0) in enumerate(zip(positions, divergence, greedy)):
             if self.max_width == 1 and not (j < len(drafted) and drafted[j]):
                 continue  # a chain position drafted past the certified ones: no guarantee to audit

@@ -110,3 +110,13 @@ def map_blocks(fn: Callable[..., torch.Tensor], *arrays: torch.Tensor) -> torch.
     if n == 0:
         return fn(*arrays)
     return torch.cat([fn(*(a[s] for a in arrays)) for s in row_blocks(n, vocab)])
+
+
+def argmax(values: torch.Tensor) -> torch.Tensor:
+    """Indices of the largest values along the last axis (the first on ties), int64.
+
+    NOTE: numpy's ``argmax`` is vectorised, torch's CPU ``argmax`` (and ``topk``) is not: about 0.1 ms against a
+    few microseconds for one row of 49k logits, which a decoder asks at every drafted and verified position."""
+    if values.dtype in (torch.float32, torch.float64):
+        return torch.as_tensor(values.detach().numpy().argmax(-1))
+    return values.argmax(-1)

@@ -65,7 +65,7 @@ def test_drafter_certificate_closed_form_for_one_candidate_matches_the_group_con
     """D_q(1)'s closed form (two top logits, one pass) against the general group construction at m = 1: small and
     full-size vocabularies, float32 and float64, ties at the top and at the second place, a concentrated drafter
     (the far branch), masked tokens, and one token of non-zero mass."""
-    from specert.certificates import _drafter_certificate_group, _drafter_certificate_top1
+    from specert.certificates import _drafter_certificate_group, top1_certificates
 
     rng = np.random.default_rng(3)
     rows = [random_logits(rng, int(rng.integers(2, 9))) for _ in range(CASES)]
@@ -84,7 +84,7 @@ def test_drafter_certificate_closed_form_for_one_candidate_matches_the_group_con
     for x in rows:
         for dtype in (torch.float32, torch.float64):
             logits = torch.tensor(x, dtype=dtype)[None]
-            closed = float(_drafter_certificate_top1(logits)[0])
+            closed = float(top1_certificates(logits)[0])
             group = float(_drafter_certificate_group(logits, 1)[0])
             if math.isinf(group):
                 assert math.isinf(closed), x

@@ -3,7 +3,9 @@
 import pytest
 import torch
 
+import specert.schedules as schedules
 import specert.static_cache as static_cache
+from specert.certificates import drafter_certificate
 from specert.decoding import generate
 from specert.drafters import check_drafter_spec, drafter_from_spec
 from specert.models import forward, keep_cache, new_cache
@@ -25,6 +27,7 @@ def test_static_cache_runs_like_the_dynamic_cache(arch, monkeypatch):
         want = forward(model, dynamic, tokens, positions, attend)
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
         assert static.get_seq_length() == dynamic.get_seq_length()
+        assert static.certificate == float(drafter_certificate(got[-1], 1))  # D_q(1) of the last row, with it
 
     same(list(range(3, 15)))
     for tokens in ([7], [8, 9], [10, 11, 12], [13]):
@@ -91,12 +94,32 @@ def test_a_failed_compilation_says_what_to_do(monkeypatch):
 
 def test_compiled_cache_grows_without_compiling_again():
     """Past its capacity the cache reallocates larger buffers; the compiled step takes them as they are (the
-    capacity is a dynamic size), and gives the eager step's logits."""
+    capacity is a dynamic size), and gives the eager step's logits and D_q(1) of their last row."""
     model = tiny_model("llama", seed=3).model
     static, dynamic = StaticCache(model, capacity=8), new_cache(model)
     static.warm_up()
     torch.testing.assert_close(static.forward(list(range(3, 9))), forward(model, dynamic, list(range(3, 9))))
     with torch._dynamo.config.patch(error_on_recompile=True):
         for tokens in ([7], [8, 9], [10, 11, 12], [13]):
-            torch.testing.assert_close(static.forward(tokens), forward(model, dynamic, tokens), rtol=1e-5, atol=1e-5)
+            logits = static.forward(tokens)
+            torch.testing.assert_close(logits, forward(model, dynamic, tokens), rtol=1e-5, atol=1e-5)
+            assert static.certificate == pytest.approx(float(drafter_certificate(logits[-1], 1)), rel=1e-4)
     assert static.capacity > 8 and static.length == dynamic.get_seq_length()
+
+
+def test_a_certified_chain_reads_the_compiled_steps_certificate(monkeypatch):
+    """Under k=auto a compiled drafter hands the schedule D_q(1) of each drafted position, computed in its step: it
+    is that of the logits the schedule is given (the frontier's row is the latest forward's last row)."""
+    target = tiny_model("llama", seed=0)
+    drafter = drafter_from_spec("compiled:int4", target)
+    seen, chain_width = [], schedules.CertifiedSchedule._chain_width
+
+    def spy(self, depth, q, certificate):
+        seen.append((certificate, float(drafter_certificate(q, 1))))
+        return chain_width(self, depth, q, certificate)
+
+    monkeypatch.setattr(schedules.CertifiedSchedule, "_chain_width", spy)
+    generate(target, [5, 17, 30, 200, 17, 30], drafter, max_new_tokens=30, stop_at_eos=False, k="auto")
+    assert len(seen) > 10
+    for given, own in seen:
+        assert given == pytest.approx(own, rel=1e-4, abs=1e-9)

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 
 from specert.rules import Rule, Tree
@@ -223,7 +222,7 @@ def drafter_certificate(draft_logits, m: int = 1):
     ============================================  ===========
 
     For m = 1 the group is the top two tokens and the certificate has the closed form of
-    :func:`_drafter_certificate_top1`, computed without a ``topk`` (what a certified chain asks at every position).
+    :func:`top1_certificates`, computed without a ``topk`` (what a certified chain asks at every position).
 
     Args:
         draft_logits: ``[..., V]`` drafter logits (torch or numpy, any float dtype).
@@ -235,7 +234,7 @@ def drafter_certificate(draft_logits, m: int = 1):
     if not isinstance(m, int) or isinstance(m, bool) or not 1 <= m < draft.vocab_size:
         raise ValueError(f"m must be a whole number with 1 <= m < V = {draft.vocab_size}, got {m!r}")
     if m == 1:
-        return draft.output(map_blocks(_drafter_certificate_top1, draft.values))
+        return draft.output(map_blocks(top1_certificates, draft.values))
     return draft.output(map_blocks(lambda block: _drafter_certificate_group(block, m), draft.values))
 
 
@@ -266,9 +265,13 @@ def _drafter_certificate_group(logits: torch.Tensor, m: int) -> torch.Tensor:
     return round_down(d, logits.dtype)
 
 
-def _drafter_certificate_top1(logits: torch.Tensor) -> torch.Tensor:
-    r"""D_q(1) of logits ``[n, V]``: with q_1 >= q_2 the drafter's two most probable tokens, G = {1, 2} and
-    GM = sqrt(q_1 q_2), so (THEORY.md section 7, m = 1)
+def top1_certificates(logits: torch.Tensor) -> torch.Tensor:
+    r"""D_q(1) of float32/64 torch logits ``[n, V]``, unchecked: :func:`drafter_certificate` at m = 1 without its
+    input validation, for a decoder asking it of the logits of its own drafter at every drafted position (torch
+    ops only, so a compiled drafter step computes it with its logits: :mod:`specert.static_cache`).
+
+    With q_1 >= q_2 the drafter's two most probable tokens, G = {1, 2} and GM = sqrt(q_1 q_2), so (THEORY.md
+    section 7, m = 1)
 
     .. math::
 
@@ -278,7 +281,8 @@ def _drafter_certificate_top1(logits: torch.Tensor) -> torch.Tensor:
     with d = l_1 - l_2 the gap of the two top logits, S = sum_x e^{l_x - l_1} = 1 + e^{-d} + R and R the same sum
     over the other tokens. The first form is computed as ``-log1p(-expm1(-d/2)^2 / S)`` (exact near a tie, where d
     is small: d is the difference of two logits, exact in float64), the second where the gap (sqrt(q_1) -
-    sqrt(q_2))^2 exceeds 1/2 (q concentrated: there 1 - gap would cancel). Rounded down.
+    sqrt(q_2))^2 exceeds 1/2 (q concentrated: there 1 - gap would cancel). Rounded down; ``inf`` where q has one
+    token of mass.
 
     NOTE: the two top tokens are found with :func:`~specert.tensors.argmax`, not ``topk`` (10-30x slower on one row
     of 49k logits on a CPU): a chain's certificate costs about a third of the general path's.
@@ -287,11 +291,9 @@ def _drafter_certificate_top1(logits: torch.Tensor) -> torch.Tensor:
     top1 = logits.gather(-1, first)
     rest = logits.scatter(-1, first, -math.inf)
     second = argmax(rest)[:, None]
-    # float64 from here (numpy: a handful of values per row, where each torch call would cost more than its work)
-    d = (top1 - rest.gather(-1, second)).squeeze(-1).double().numpy()  # inf when q has one token of mass: D = inf
-    outside = torch.exp(rest.scatter_(-1, second, -math.inf) - top1).sum(-1).double().numpy()  # R
-    total = 1 + np.exp(-d) + outside  # S
-    gap = np.expm1(-d / 2) ** 2 / total
-    with np.errstate(divide="ignore"):  # log(0) = -inf where q has one token of mass
-        far = np.log(total) - np.log(2 * np.exp(-d / 2) + outside)
-    return round_down(torch.from_numpy(np.where(gap > 0.5, far, -np.log1p(-gap))), logits.dtype)
+    d = (top1 - rest.gather(-1, second)).squeeze(-1).double()  # inf when q has one token of mass: D = inf
+    outside = torch.exp(rest.scatter(-1, second, -math.inf) - top1).sum(-1).double()  # R
+    total = 1 + torch.exp(-d) + outside  # S
+    gap = torch.expm1(-d / 2) ** 2 / total
+    far = torch.log(total) - torch.log(2 * torch.exp(-d / 2) + outside)  # log(0) = -inf: one token of mass
+    return round_down(torch.where(gap > 0.5, far, -torch.log1p(-gap)), logits.dtype)

@@ -205,7 +205,10 @@ class ModelDrafter(Drafter):
         base = len(context)
         for depth in range(schedule.depths):
             q = torch.stack([rows[p + 1] for p in frontier])  # [F, V]
-            widths = schedule.widths(depth, q, len(frontier), schedule.budget - len(tokens))
+            # a frontier of one is the latest forward's last row: a compiled step computed its D_q(1)
+            certificate = self.cache.certificate if isinstance(self.cache, StaticCache) and len(frontier) == 1 \
+                else None
+            widths = schedule.widths(depth, q, len(frontier), schedule.budget - len(tokens), certificate)
             level_start = len(tokens)
             for pos, width in zip(frontier, widths):
                 if width:

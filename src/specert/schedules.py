@@ -72,7 +72,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from specert.certificates import drafter_certificate
+from specert.certificates import drafter_certificate, top1_certificates
 from specert.divergence import kl_near
 from specert.tensors import argmax
 
@@ -92,9 +92,11 @@ class Schedule:
         """The most nodes a tree of this schedule can have (it must fit the target's context)."""
         return self.budget
 
-    def widths(self, depth: int, logits: torch.Tensor | None, frontier: int, budget_left: int) -> list[int]:
+    def widths(self, depth: int, logits: torch.Tensor | None, frontier: int, budget_left: int,
+               certificate: float | None = None) -> list[int]:
         """Widths of the ``frontier`` positions at ``depth``; ``logits [frontier, V]`` are the drafter's there
-        (None for drafters without a distribution)."""
+        (None for drafters without a distribution), ``certificate`` D_q(1) of a frontier of one position when the
+        drafter computed it with its logits (a compiled step: :mod:`specert.static_cache`)."""
         raise NotImplementedError
 
     def may_extend(self, depth: int) -> bool:
@@ -152,7 +154,7 @@ class FixedSchedule(Schedule):
         self.max_depth = len(widths)
         self.budget = int(sum(np.cumprod(widths)))
 
-    def widths(self, depth, logits, frontier, budget_left):
+    def widths(self, depth, logits, frontier, budget_left, certificate=None):
         return [self.schedule[depth]] * frontier
 
 
@@ -166,7 +168,7 @@ class HeuristicSchedule(Schedule):
         self.max_depth = min(start, self.LIMIT)
         self.budget = self.LIMIT
 
-    def widths(self, depth, logits, frontier, budget_left):
+    def widths(self, depth, logits, frontier, budget_left, certificate=None):
         return [1] * frontier
 
     def observe(self, tree, target_logits, path):
@@ -295,14 +297,16 @@ class CertifiedSchedule(Schedule):
                 return True
         return False
 
-    def _chain_width(self, depth: int, q: torch.Tensor) -> int:
+    def _chain_width(self, depth: int, q: torch.Tensor | None, certificate: float | None) -> int:
         if depth == 0:
             self._drafted, self._stop, self._survive = [], None, 1.0
             self._costs, self._verify = self.costs(), self.verify_costs()
             # near the end of the generation there is no long run to earn lambda in: what the chain does not
             # draft, plain decoding (rate 1) must produce
             self._rate = self.rate(*self._costs) if self.room >= self.max_depth else 1.0
-        certified = q is not None and self.eps_hat > 0 and float(drafter_certificate(q, 1)) > self.eps_hat
+        if certificate is None and q is not None and self.eps_hat > 0:
+            certificate = float(top1_certificates(q[None]))
+        certified = q is not None and self.eps_hat > 0 and certificate > self.eps_hat
         survive = self._survive * self.alpha(certified)
         if self._measuring(q is not None) and not self.pays(depth, survive):
             # what it would have drafted, for verification to judge (a drafter without a distribution: not known)
@@ -326,16 +330,21 @@ class CertifiedSchedule(Schedule):
         uncertified: alpha_u is its acceptance rate, and the stopping rule runs on it alone)."""
         return self.eps_hat > 0 or not distribution
 
-    def widths(self, depth, logits, frontier, budget_left):
+    def widths(self, depth, logits, frontier, budget_left, certificate=None):
         if self.max_width == 1 and frontier == 1:
-            return [self._chain_width(depth, None if logits is None else logits[0]) if budget_left else 0]
+            return [self._chain_width(depth, None if logits is None else logits[0], certificate) if budget_left
+                    else 0]
         if logits is None:  # no distribution to certify: a plain tree level
             return [1] * frontier if budget_left >= frontier else [0] * frontier
         out = []
         for i in range(frontier):
             m = 0
             for width in range(1, min(self.max_width, logits.shape[-1] - 1) + 1):
-                if float(drafter_certificate(logits[i], width)) > self.eps_hat:
+                if width == 1 and certificate is not None:  # the drafter's own D_q(1) of its only position
+                    d = certificate
+                else:
+                    d = float(drafter_certificate(logits[i], width))
+                if d > self.eps_hat:
                     m = width
                     break
             m = m if m <= budget_left else 0  # a cut width would void the guarantee: no children instead
@@ -377,7 +386,9 @@ class CertifiedSchedule(Schedule):
         positions = [p for p in [-1] + path if tree.children(p) and tree.expanded[p + 1]]
         if not positions or tree.logits is None:
             return
-        rows = torch.tensor([p + 1 for p in positions])
+        rows = [p + 1 for p in positions]
+        # a chain's rows are consecutive: a view, not a copy of them
+        rows = slice(rows[0], rows[-1] + 1) if rows == list(range(rows[0], rows[-1] + 1)) else torch.tensor(rows)
         divergence = kl_near(target_logits[rows], tree.logits[rows], self.eps_hat).tolist()
         greedy = argmax(target_logits[rows]).tolist()
         for j, (pos, d, x0) in enumerate(zip(positions, divergence, greedy)):

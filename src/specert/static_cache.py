@@ -26,6 +26,7 @@ import sys
 
 import torch
 
+from specert.certificates import top1_certificates
 from specert.models import _rotary, linear, run_layers
 from specert.quantized import PREFILL_ROWS
 
@@ -33,9 +34,11 @@ _compiled = None  # the compiled step, made on first use (compiling is the slow 
 
 
 def _step(model, keys: list[torch.Tensor], values: list[torch.Tensor], ids: torch.Tensor, positions: torch.Tensor,
-          slots: torch.Tensor, attend: torch.Tensor) -> torch.Tensor:
+          slots: torch.Tensor, attend: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits ``[n, V]`` of tokens ``ids [n]`` at rotary ``positions [n]``, their keys and values written to
-    ``slots [n]`` of every layer's buffers, each token attending to the slots where ``attend [n, length]`` is True."""
+    ``slots [n]`` of every layer's buffers, each token attending to the slots where ``attend [n, length]`` is True;
+    and D_q(1) of the last row ``[1]`` (what a certified chain asks next, computed here in the same compiled loops
+    as the logits instead of in a dozen eager passes over them afterwards)."""
     x = model.model.embed_tokens(ids[None])
     rotate = _rotary(*model.model.rotary_emb(x, positions[None]))
     length = attend.shape[1]
@@ -46,7 +49,9 @@ def _step(model, keys: list[torch.Tensor], values: list[torch.Tensor], ids: torc
         return keys[i][:, :, :length], values[i][:, :, :length]
 
     states = run_layers(model, x, rotate, attend[None, None], store)
-    return linear(model.lm_head, states[-1])[0]
+    logits = linear(model.lm_head, states[-1])[0]
+    last = logits[-1:] if logits.dtype in (torch.float32, torch.float64) else logits[-1:].float()
+    return logits, top1_certificates(last)
 
 
 def _compiled_step():
@@ -72,6 +77,7 @@ class StaticCache:
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
         self.length = 0
+        self.certificate = float("nan")  # D_q(1) of the last row the latest forward returned
         self._allocate(capacity)
 
     @torch.inference_mode()
@@ -135,7 +141,8 @@ class StaticCache:
     def forward(self, tokens: list[int], positions: list[int] | None = None,
                 attend: torch.Tensor | None = None) -> torch.Tensor:
         """:func:`specert.models.forward` on this cache: logits ``[len(tokens), V]`` of ``tokens`` run after the
-        ``length`` slots held (``positions`` and ``attend`` as there), their entries kept in the next slots."""
+        ``length`` slots held (``positions`` and ``attend`` as there), their entries kept in the next slots; D_q(1)
+        of the last row in ``certificate``."""
         n, past = len(tokens), self.length
         if past + n > self.capacity:
             self._allocate(2 * (past + n))
@@ -153,6 +160,6 @@ class StaticCache:
                 torch._dynamo.maybe_mark_dynamic(t, 0)
             torch._dynamo.maybe_mark_dynamic(attend, 0)
             torch._dynamo.maybe_mark_dynamic(attend, 1)
-        logits = step(self.model, self.keys, self.values, ids, where, slots, attend)
-        self.length = past + n
+        logits, certificate = step(self.model, self.keys, self.values, ids, where, slots, attend)
+        self.length, self.certificate = past + n, float(certificate)
         return logits if logits.dtype in (torch.float32, torch.float64) else logits.float()

@@ -116,7 +116,8 @@ def argmax(values: torch.Tensor) -> torch.Tensor:
     """Indices of the largest values along the last axis (the first on ties), int64.
 
     NOTE: numpy's ``argmax`` is vectorised, torch's CPU ``argmax`` (and ``topk``) is not: about 0.1 ms against a
-    few microseconds for one row of 49k logits, which a decoder asks at every drafted and verified position."""
-    if values.dtype in (torch.float32, torch.float64):
+    few microseconds for one row of 49k logits, which a decoder asks at every drafted and verified position.
+    Inside a graph being compiled it is torch's, which inductor fuses with the rest."""
+    if values.dtype in (torch.float32, torch.float64) and not torch.compiler.is_compiling():
         return torch.as_tensor(values.detach().numpy().argmax(-1))
     return values.argmax(-1)

@@ -331,6 +331,57 @@ def test_certified_chain_without_a_distribution_stops_on_its_measured_acceptance
     assert depth == 8
 
 
+def test_a_chain_without_a_distribution_probes_after_backing_off():
+    """An n-gram chain whose estimate says drafting cannot pay drafts nothing, backs off, and then drafts one token
+    anyway (a probe: no stop token is judged for it, so without probes a low estimate would stop it for good, as
+    it did on Spec-Bench after a warm-up on a story). A rejected probe doubles the back-off; an accepted one raises
+    the estimate and ends it."""
+    from specert.drafters import DraftTree
+    from specert.schedules import CertifiedSchedule
+
+    s = CertifiedSchedule(max_depth=8, cost=0.3)
+    s.history.reached, s.history.accepted = [60.0, 0.0], [3.0, 0.0]  # right 1 time in 20
+
+    def step(drafted, accepted):
+        """One decoding step: (whether the drafter ran, its widths); the target accepts ``accepted`` tokens."""
+        if not s.should_draft():  # plain decoding: the decoder neither asks nor tells the schedule
+            return False, []
+        widths = []
+        while len(widths) < 8 and s.widths(len(widths), None, 1, 100)[0]:
+            widths.append(1)
+        tokens = [5] * min(len(widths), drafted)
+        s.observe(DraftTree(tokens, list(range(-1, len(tokens) - 1)), None, [False] * (1 + len(tokens))),
+                  torch.zeros(1 + len(tokens), 8), list(range(accepted)))
+        return True, widths
+
+    assert step(1, 0) == (True, [])  # the rule stops it: nothing drafted
+    assert step(1, 0) == (False, [])  # backing off one step
+    assert step(1, 0) == (True, [1])  # the probe: one token, rejected
+    assert [step(1, 0)[0] for _ in range(3)] == [False, False, True]  # backing off two steps, probing again
+    before = s.alpha(False)
+    assert [step(1, 1)[0] for _ in range(4)] == [False, False, False, False]  # four, then the probe is accepted
+    assert step(1, 1) == (True, [1])
+    assert s.alpha(False) > before and s._backoff == 0
+
+
+def test_the_drafting_cost_is_not_charged_with_steps_that_drafted_nothing():
+    """c, a drafted token's cost, is the slope of a step's seconds against its drafted tokens: steps that drafted
+    nothing (their seconds are the step's own) do not inflate it, whether the slope is fitted or, with too few
+    drafting steps for one, a ratio over the steps that drafted."""
+    from specert.schedules import CertifiedSchedule
+
+    s = CertifiedSchedule()
+    one = 0.5
+    s.history.steps.extend([(0, 0.01, one)] * 35 + [(1, 0.012, one)] * 15)
+    fixed, c = s.costs()
+    unit = s.forward_seconds()  # about 0.5 s
+    assert fixed == pytest.approx(0.01 / unit) and c == pytest.approx(0.002 / unit)
+    s.history.steps.clear()
+    s.history.steps.extend([(0, 0.01, one)] * 40 + [(1, 0.012, one)] * 3)
+    unit = s.forward_seconds()
+    assert s.costs() == pytest.approx((0.0, 0.012 / unit))  # was (0.4 + 0.036) / 3: twelve times more
+
+
 def test_a_chain_does_not_score_a_last_token_whose_successor_cannot_pay(target):
     """may_extend: the certified chain asks the drafter for the logits after its latest token only if the position
     there may pay with the better class's acceptance rate (it stops there otherwise, whatever its class): the

@@ -22,7 +22,10 @@ positions (0 before the first, so a drafter's first step drafts in full). What a
 
 A tree position gets the smallest certified width. After a step that drafted nothing the drafter is not run for 1,
 2, 4, ... 32 steps (plain decoding) before it is probed again, unless it is a chain's drafter whose drafting pays
-(lambda > 1, below): a drafter far from the target drafts little and costs little.
+(lambda > 1, below): a drafter far from the target drafts little and costs little. A chain's drafter without a
+distribution drafts one token at that probe whatever its estimate says (below, the stop position of a drafter with
+a distribution is judged for free; without one nothing is, and a low estimate would never be revised); a probe
+that is rejected counts as a step that drafted nothing.
 
 The certified chain stops where drafting stops paying. A position is *certified* when D_q(1) > eps_hat; the schedule
 measures how often drafted tokens were accepted at certified positions (alpha_c, near 1 when eps_hat is right) and
@@ -133,6 +136,7 @@ MEASURED = 3  # verifications of n drafted tokens timed before V(n) is theirs in
 # rare with a close drafter, and a window over all positions would leave them a few samples and the estimate its
 # prior of 1/2.
 RECENT = 256
+SPREAD = 8  # sum of (n - mean n)^2 over the timed steps before a line's slope is fitted to them (costs)
 
 
 def _line(x, y) -> tuple[float, float]:
@@ -211,6 +215,7 @@ class CertifiedSchedule(Schedule):
         self._survive = 1.0  # the chance the chain's latest drafted token survives
         self._stop: tuple[bool, int] | None = None  # where it stopped: (certified, the drafter's token there)
         self._backoff = self._skip = 0  # steps to decode without the drafter after it drafted nothing
+        self._probe = self._probed = False  # the step after a skip may probe (a chain without a distribution)
         self._costs, self._rate = (0.0, 0.0), 1.0  # (F, c) and lambda for this step
         self._verify: list[float] | None = None  # V(0 .. max_depth) for this step
 
@@ -218,8 +223,8 @@ class CertifiedSchedule(Schedule):
         """(F, c) in one-token target forwards: a step's fixed cost besides the target's forward (the drafter
         catching up with the context, the bookkeeping) and a drafted token's marginal cost of drafting (its
         verification is in :meth:`verify_costs`). Given c: (0, c). Measured: the least-squares line seconds = a + b n
-        over the latest steps (n drafted tokens), one seconds-per-n ratio when n hardly varied; 0 before any
-        measurement."""
+        over the latest steps (n drafted tokens) once n spreads enough for a slope (``SPREAD``), else one
+        seconds-per-token ratio over the steps that drafted; 0 before any measurement."""
         if self.fixed_cost is not None:
             return 0.0, self.fixed_cost
         steps, one = self.history.steps, self.forward_seconds()
@@ -227,9 +232,11 @@ class CertifiedSchedule(Schedule):
         if not one or not n.sum():
             return 0.0, 0.0
         y = np.array([seconds for _, seconds, _ in steps])
-        a, b = _line(n, y) if n.var() > 0.5 else (-1.0, 0.0)
+        # the line's slope is as sure as sum (n - mean n)^2 is large; else one ratio, over the steps that drafted
+        # (the seconds of steps that drafted nothing are no drafted token's)
+        a, b = _line(n, y) if n.var() * len(n) > SPREAD else (-1.0, 0.0)
         if not (a >= 0 and b > 0):
-            a, b = 0.0, y.sum() / n.sum()
+            a, b = 0.0, y[n > 0].sum() / n.sum()
         return a / one, b / one
 
     def verify_costs(self) -> list[float]:
@@ -308,7 +315,11 @@ class CertifiedSchedule(Schedule):
             certificate = float(top1_certificates(q[None]))
         certified = q is not None and self.eps_hat > 0 and certificate > self.eps_hat
         survive = self._survive * self.alpha(certified)
-        if self._measuring(q is not None) and not self.pays(depth, survive):
+        # A drafter without a distribution leaves no token for the target to judge where the chain stops, so a
+        # low acceptance estimate would stop it for good: the first step after a skip drafts one token anyway.
+        probe = depth == 0 and q is None and self._probe
+        self._probed = self._probed or probe
+        if self._measuring(q is not None) and not probe and not self.pays(depth, survive):
             # what it would have drafted, for verification to judge (a drafter without a distribution: not known)
             self._stop = (certified, int(argmax(q))) if q is not None else None
             return 0
@@ -355,13 +366,17 @@ class CertifiedSchedule(Schedule):
     def should_draft(self) -> bool:
         if self._skip:
             self._skip -= 1
+            self._probe = not self._skip
             return False
         return True
 
     def observe(self, tree, target_logits, path):
-        # A drafter that drafted nothing is not even run for a while: 1, 2, 4, ... 32 steps, until it drafts again;
-        # not a chain's drafter whose drafting pays (lambda > 1): this one position did not.
-        self._backoff = 0 if tree.tokens or self._rate > 1 else min(max(1, 2 * self._backoff), 32)
+        # A drafter that drafted nothing (or only a probe that was rejected) is not even run for a while: 1, 2, 4,
+        # ... 32 steps, until it drafts again; not a chain's drafter whose drafting pays (lambda > 1): this one
+        # position did not.
+        drafted_any = tree.tokens and not (self._probed and not path)
+        self._probe = self._probed = False
+        self._backoff = 0 if drafted_any or self._rate > 1 else min(max(1, 2 * self._backoff), 32)
         self._skip = self._backoff
         h, counts = self.history, self.counts
         if self.max_width == 1:

@@ -311,14 +311,14 @@ class CertifiedSchedule(Schedule):
             # near the end of the generation there is no long run to earn lambda in: what the chain does not
             # draft, plain decoding (rate 1) must produce
             self._rate = self.rate(*self._costs) if self.room >= self.max_depth else 1.0
+            # A drafter without a distribution leaves no token for the target to judge where the chain stops, so
+            # a low acceptance estimate would stop it for good: the first step after a skip drafts one token anyway.
+            self._probed = q is None and self._probe
         if certificate is None and q is not None and self.eps_hat > 0:
             certificate = float(top1_certificates(q[None]))
         certified = q is not None and self.eps_hat > 0 and certificate > self.eps_hat
         survive = self._survive * self.alpha(certified)
-        # A drafter without a distribution leaves no token for the target to judge where the chain stops, so a
-        # low acceptance estimate would stop it for good: the first step after a skip drafts one token anyway.
-        probe = depth == 0 and q is None and self._probe
-        self._probed = self._probed or probe
+        probe = depth == 0 and self._probed
         if self._measuring(q is not None) and not probe and not self.pays(depth, survive):
             # what it would have drafted, for verification to judge (a drafter without a distribution: not known)
             self._stop = (certified, int(argmax(q))) if q is not None else None
@@ -374,7 +374,7 @@ class CertifiedSchedule(Schedule):
         # A drafter that drafted nothing (or only a probe that was rejected) is not even run for a while: 1, 2, 4,
         # ... 32 steps, until it drafts again; not a chain's drafter whose drafting pays (lambda > 1): this one
         # position did not.
-        drafted_any = tree.tokens and not (self._probed and not path)
+        drafted_any = bool(tree.tokens) and not (self._probed and not path)
         self._probe = self._probed = False
         self._backoff = 0 if drafted_any or self._rate > 1 else min(max(1, 2 * self._backoff), 32)
         self._skip = self._backoff

@@ -35,10 +35,10 @@ _compiled = None  # the compiled step, made on first use (compiling is the slow 
 
 def _step(model, keys: list[torch.Tensor], values: list[torch.Tensor], ids: torch.Tensor, positions: torch.Tensor,
           slots: torch.Tensor, attend: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits ``[n, V]`` of tokens ``ids [n]`` at rotary ``positions [n]``, their keys and values written to
-    ``slots [n]`` of every layer's buffers, each token attending to the slots where ``attend [n, length]`` is True;
-    and D_q(1) of the last row ``[1]`` (what a certified chain asks next, computed here in the same compiled loops
-    as the logits instead of in a dozen eager passes over them afterwards)."""
+    """Logits ``[n, V]`` (float32 or float64) of tokens ``ids [n]`` at rotary ``positions [n]``, their keys and
+    values written to ``slots [n]`` of every layer's buffers, each token attending to the slots where ``attend [n,
+    length]`` is True; and D_q(1) of the last row ``[1]`` (what a certified chain asks next, computed here in the
+    same compiled loops as the logits instead of in a dozen eager passes over them afterwards)."""
     x = model.model.embed_tokens(ids[None])
     rotate = _rotary(*model.model.rotary_emb(x, positions[None]))
     length = attend.shape[1]
@@ -50,8 +50,8 @@ def _step(model, keys: list[torch.Tensor], values: list[torch.Tensor], ids: torc
 
     states = run_layers(model, x, rotate, attend[None, None], store)
     logits = linear(model.lm_head, states[-1])[0]
-    last = logits[-1:] if logits.dtype in (torch.float32, torch.float64) else logits[-1:].float()
-    return logits, top1_certificates(last)
+    logits = logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
+    return logits, top1_certificates(logits[-1:])
 
 
 def _compiled_step():
@@ -162,4 +162,4 @@ class StaticCache:
             torch._dynamo.maybe_mark_dynamic(attend, 1)
         logits, certificate = step(self.model, self.keys, self.values, ids, where, slots, attend)
         self.length, self.certificate = past + n, float(certificate)
-        return logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
+        return logits

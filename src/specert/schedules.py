@@ -27,23 +27,39 @@ distribution drafts one token at that probe whatever its estimate says (below, t
 a distribution is judged for free; without one nothing is, and a low estimate would never be revised); a probe
 that is rejected counts as a step that drafted nothing.
 
-The certified chain stops where drafting stops paying. A position is *certified* when D_q(1) > eps_hat; the schedule
-measures how often drafted tokens were accepted at certified positions (alpha_c, near 1 when eps_hat is right) and
-at uncertified ones (alpha_u), each as (accepted + 1) / (reached + 2) over about the latest ``RECENT`` (256) chain
-positions of its class (older ones decay), so that they follow the text being generated. Where a chain stops, the
-drafter has already computed its next token and the target's forward computes its own greedy token there for free
-(the bonus token): every stop after a fully accepted chain is a measured position too, so alpha_u is learnt without
-drafting uncertified tokens to find out (there it counts strict greedy agreement: an underestimate under a relaxed
-rule). Drafting position j survives verification with probability S_j = alpha_1 ... alpha_j, so a chain of k expects
+The certified chain stops where drafting stops paying. A position is *certified* when D_q(1) > eps_hat; one that
+is not is certified at a lower level of the measured KLs, and that level says much about its odds: ``LEVELS``
+splits positions into classes by the KL quantiles their D_q(1) exceeds, q/4, q/2 and q (q = ``quantile``):
+
+    class = #{ l in LEVELS : D_q(1) > eps(l q) },   eps(x) the x-quantile of the measured KLs,
+
+class 3 being the certified positions. If KL(p || q) <= D_q(1) the target's greedy token is the drafter's, so a
+position's acceptance is at least the chance that its KL is below its D_q(1), which the level of the measured KLs
+that D_q(1) reaches estimates (were KL independent of D_q(1)). Measured on Spec-Bench (12-token chains of ``int4``,
+2,248 positions; ``pruned``, 1,520), acceptance was 0.52 and 0.43 below the level 0.2, 0.86 and 0.68 between 0.2 and
+0.4, 0.97 and 0.86 between 0.4 and 0.6, 1.00 and 0.96-0.98 from 0.6 to 0.9, above the level in every bin (session
+14): two classes (certified or not) lumped positions accepted half the time with ones accepted nearly always. The
+schedule measures how often drafted tokens were accepted in each class (alpha_0 .. alpha_3) over about the latest
+``RECENT`` (256) chain positions of the class (older ones decay), so that they follow the text being generated:
+(accepted + 1) / (reached + 2), each uncertified class drawn toward the rate of all uncertified positions instead of
+1/2 while it has few (:meth:`CertifiedSchedule.alpha`). Where a chain stops, the drafter has already computed its
+next token and the target's forward computes its own greedy token there for free (the bonus token): every stop after
+a fully accepted chain is a measured position too, so the rates of the classes it stops at are learnt without
+drafting their tokens to find out (there it counts strict greedy agreement: an underestimate under a relaxed rule).
+Drafting position j survives verification with probability S_j = alpha_1 ... alpha_j (each its position's class's
+rate), so a chain of k expects
 E_k = 1 + S_1 + ... + S_k tokens for a cost of C_k = F + V(k) + k c target forwards, c being a drafted token's
 marginal cost relative to a target forward of one token and F a step's fixed cost besides the target's forward (the
 drafter catching up with the context, the bookkeeping), both measured from the step timings unless c is given (a
 least-squares line of a step's seconds outside the target's forward against its drafted tokens), and V(k) what the
-target's forward costs when it verifies k drafted tokens (V(0) = 1, a plain forward). V is measured too: the mean
+target's forward costs when it verifies k drafted tokens (V(0) = 1, a plain forward). V is measured too: the median
 seconds of the latest verifications of k drafted tokens over a one-token forward's, once ``MEASURED`` (3) of them
-were timed; before that the prior ``VERIFY_COST + k VERIFY_TOKEN_COST``. A CPU's matrix kernels make V uneven (on
-2 cores, 8 or 16 tokens cost less than 9 or 13; ``benchmarks/speed.py`` prints the table), and the rule drafts to
-the lengths that verify cheaply.
+were timed; before that the prior ``VERIFY_COST + k VERIFY_TOKEN_COST``, and for a length not measured yet the
+straight line between the measured lengths around it, or past the longest one its V (optimistic: a chain drafts to
+such a length and so measures it). A CPU's matrix kernels make V uneven (on 2 cores, 8 or 16 tokens cost less than
+9 or 13; ``benchmarks/speed.py`` prints the table), and the rule drafts to the lengths that verify cheaply. Every
+timing is a median (of the steps that drafted n tokens, for the line): noise on a shared machine is one-sided, and
+a mean would carry a few slowed steps into every decision for the 256 steps they stay in the history.
 Position k + 1 is drafted while some h >= 1 more positions add more tokens than they cost at the drafter's rate:
 
     max over h >= 1 of (E_{k+h} - E_k) - lambda (C_{k+h} - C_k) > 0,
@@ -55,10 +71,11 @@ comparing with the step's own E_k / C_k instead stops long chains too early (aft
 exceeds what the drafter reaches on average). Position k + 1 survives with S_{k+1} = S_k alpha (its class's rate)
 and the positions after it, whose class is not known yet, with the mean rate of either class. Looking ahead (h > 1)
 matters because the first drafted token carries the verification's fixed cost (V(1) - 1) and V is uneven: a chain
-that opens on an uncertified token may still pay over its certified ones. For a drafter far from the target alpha_u
-is small and the chain ends at the first uncertified position (the paper's rule); for a close, cheap one it runs on
-past it. A drafter without a distribution (n-grams) has no certified positions: its chain stops by the same rule
-on its measured acceptance rate alone.
+that opens on an uncertified token may still pay over its certified ones. For a drafter far from the target the
+rates below certification are small and the chain ends at the first uncertified position (the paper's rule); for a
+close, cheap one it runs on past the positions certified nearly to eps_hat and stops at the ones far below. A
+drafter without a distribution (n-grams) has no certificates: every position is in class 0, and its chain stops by
+the same rule on its measured acceptance rate alone.
 
 The guarantee audit counts, at verified certified positions (every position of a certified tree, the certified
 ones of a chain): ``held`` (KL <= the eps_hat the width was chosen with), ``held_covered`` (of those, the target's
@@ -69,7 +86,8 @@ wrong there); and a chain's positions reached and accepted by class.
 from __future__ import annotations
 
 import math
-from collections import deque
+import statistics
+from collections import defaultdict, deque
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -136,15 +154,31 @@ MEASURED = 3  # verifications of n drafted tokens timed before V(n) is theirs in
 # rare with a close drafter, and a window over all positions would leave them a few samples and the estimate its
 # prior of 1/2.
 RECENT = 256
+# A chain position's class: how many of the KL quantiles LEVELS * quantile its D_q(1) exceeds (module docstring); the
+# last level is eps_hat's, so class len(LEVELS) = CERTIFIED is the certified positions.
+LEVELS = (0.25, 0.5, 1.0)
+CERTIFIED = len(LEVELS)
 SPREAD = 8  # sum of (n - mean n)^2 over the timed steps before a line's slope is fitted to them (costs)
 
 
-def _line(x, y) -> tuple[float, float]:
-    """The least-squares line y = a + b x, (a, b), for x that varies (np.polyfit's answer without its overhead)."""
+def _line(x, y, w=None) -> tuple[float, float]:
+    """The (weighted) least-squares line y = a + b x, (a, b), for x that varies (np.polyfit's answer without its
+    overhead)."""
     x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
-    dx = x - x.mean()
-    b = float((dx * (y - y.mean())).sum() / (dx * dx).sum())
-    return float(y.mean() - b * x.mean()), b
+    w = np.ones_like(x) if w is None else np.asarray(w, dtype=float)
+    mx, my = np.average(x, weights=w), np.average(y, weights=w)
+    b = float((w * (x - mx) * (y - my)).sum() / (w * (x - mx) ** 2).sum())
+    return float(my - b * mx), b
+
+
+def _medians(pairs) -> dict:
+    """{key: (median of its values, how many)} for (key, value) pairs. The timings are medians, not means: noise on
+    a shared machine is one-sided (a preempted forward is slower, never faster), and a few slowed steps must not
+    move an estimate for as long as they stay in the history."""
+    groups = defaultdict(list)
+    for key, value in pairs:
+        groups[key].append(value)
+    return {key: (statistics.median(values), len(values)) for key, values in groups.items()}
 
 
 def verify_cost(drafted: int) -> float:
@@ -188,8 +222,8 @@ class History:
     drafter: a server learns its drafter once, not per request)."""
 
     kls: deque = field(default_factory=lambda: deque(maxlen=512))  # KL(p || q) at the latest verified positions
-    reached: list = field(default_factory=lambda: [0.0, 0.0])  # chain positions reached, [uncertified, certified]
-    accepted: list = field(default_factory=lambda: [0.0, 0.0])  # ... and accepted; both decayed (RECENT)
+    reached: list = field(default_factory=lambda: [0.0] * (CERTIFIED + 1))  # chain positions reached, per class
+    accepted: list = field(default_factory=lambda: [0.0] * (CERTIFIED + 1))  # ... and accepted; both decayed (RECENT)
     steps: deque = field(default_factory=lambda: deque(maxlen=256))  # (drafted, seconds outside the target's
     # forward, seconds of the target's forward) of the latest steps
     yields: deque = field(default_factory=lambda: deque(maxlen=64))  # (drafted, emitted) of the latest chain steps
@@ -207,77 +241,94 @@ class CertifiedSchedule(Schedule):
         self.max_depth, self.max_width, self.quantile, self.fixed_cost = max_depth, max_width, quantile, cost
         self.budget = budget if budget is not None else int(sum(max_width**d for d in range(1, max_depth + 1)))
         self.history = history if history is not None else History()
-        h = self.history
-        self.eps_hat = float(np.quantile(h.kls, quantile)) if h.kls else 0.0
+        self.eps = self._estimate()
         self.counts = dict(held=0, held_covered=0, exceeded=0, certified_reached=0, certified_accepted=0,
                            uncertified_reached=0, uncertified_accepted=0)  # this generation's (the audit)
-        self._drafted: list[bool] = []  # this step's chain: certified or not, per position
+        self._drafted: list[int] = []  # this step's chain: the class of each position
         self._survive = 1.0  # the chance the chain's latest drafted token survives
-        self._stop: tuple[bool, int] | None = None  # where it stopped: (certified, the drafter's token there)
+        self._stop: tuple[int, int] | None = None  # where it stopped: (its class, the drafter's token there)
         self._backoff = self._skip = 0  # steps to decode without the drafter after it drafted nothing
         self._probe = self._probed = False  # the step after a skip may probe (a chain without a distribution)
         self._costs, self._rate = (0.0, 0.0), 1.0  # (F, c) and lambda for this step
         self._verify: list[float] | None = None  # V(0 .. max_depth) for this step
 
+    @property
+    def eps_hat(self) -> float:
+        """The estimate of the drafter's KL(p || q): the ``quantile`` of the latest measured KLs (0 before any)."""
+        return self.eps[-1]
+
+    def _estimate(self) -> list[float]:
+        """eps(l q) for l in LEVELS: the class thresholds, eps_hat last (all 0 before any KL was measured)."""
+        kls = self.history.kls
+        return np.quantile(kls, [level * self.quantile for level in LEVELS]).tolist() if kls else [0.0] * len(LEVELS)
+
+    def level(self, certificate: float) -> int:
+        """A position's class: how many of the thresholds ``eps`` its D_q(1) exceeds (``CERTIFIED``: all)."""
+        return sum(certificate > e for e in self.eps)
+
     def costs(self) -> tuple[float, float]:
         """(F, c) in one-token target forwards: a step's fixed cost besides the target's forward (the drafter
         catching up with the context, the bookkeeping) and a drafted token's marginal cost of drafting (its
         verification is in :meth:`verify_costs`). Given c: (0, c). Measured: the least-squares line seconds = a + b n
-        over the latest steps (n drafted tokens) once n spreads enough for a slope (``SPREAD``), else one
-        seconds-per-token ratio over the steps that drafted; 0 before any measurement."""
+        through the median seconds of the latest steps that drafted n tokens (weighed by their number) once n
+        spreads enough for a slope (``SPREAD``), else the median seconds per token of the steps that drafted; 0
+        before any measurement."""
         if self.fixed_cost is not None:
             return 0.0, self.fixed_cost
         steps, one = self.history.steps, self.forward_seconds()
         n = np.array([drafted for drafted, _, _ in steps], dtype=float)
         if not one or not n.sum():
             return 0.0, 0.0
-        y = np.array([seconds for _, seconds, _ in steps])
         # the line's slope is as sure as sum (n - mean n)^2 is large; else one ratio, over the steps that drafted
         # (the seconds of steps that drafted nothing are no drafted token's)
-        a, b = _line(n, y) if n.var() * len(n) > SPREAD else (-1.0, 0.0)
+        a, b = -1.0, 0.0
+        if n.var() * len(n) > SPREAD:
+            groups = _medians((drafted, seconds) for drafted, seconds, _ in steps)
+            a, b = _line(list(groups), [m for m, _ in groups.values()], [k for _, k in groups.values()])
         if not (a >= 0 and b > 0):
-            a, b = 0.0, y[n > 0].sum() / n.sum()
+            a, b = 0.0, statistics.median(seconds / drafted for drafted, seconds, _ in steps if drafted)
         return a / one, b / one
 
     def verify_costs(self) -> list[float]:
         """V(0), V(1), ... V(max_depth): the target's forward, in one-token forwards, when it verifies that many
-        drafted tokens. V(0) = 1; V(n) is the mean seconds of the latest verifications of n drafted tokens over a
-        one-token forward's once ``MEASURED`` of them were timed. A length not measured yet gets the least-squares
-        line a + b n (b >= 0) through the measured ones once two lengths were, the prior ``VERIFY_COST + n
-        VERIFY_TOKEN_COST`` before: the prior's slope may be far from this machine's, and a chain that never drafts
-        to a length it overprices never measures it."""
+        drafted tokens. V(0) = 1; V(n) is the median seconds of the latest verifications of n drafted tokens over a
+        one-token forward's once ``MEASURED`` of them were timed; the prior ``VERIFY_COST + n VERIFY_TOKEN_COST``
+        before any length was. A length not measured yet is priced by the measured ones: on the straight line
+        between the two around it, and past the longest at the longest one's V, the least a longer verification can
+        cost. Optimistic on purpose: a chain drafts to a length it prices cheaply and so measures it, but never to
+        one it overprices (a line through short lengths, whose per-token cost on a CPU is twice the long ones',
+        kept k=auto's chains short for a whole run, or not, depending on its first steps)."""
         table, one = [verify_cost(n) for n in range(self.max_depth + 1)], self.forward_seconds()
         if not one:
             return table
-        seconds, counts = np.zeros(len(table)), np.zeros(len(table))
-        for n, _, s in self.history.steps:
-            if 0 < n < len(table):
-                seconds[n] += s
-                counts[n] += 1
-        measured = [n for n in range(1, len(table)) if counts[n] >= MEASURED]
-        for n in measured:
-            table[n] = seconds[n] / counts[n] / one
-        if len(measured) >= 2:
-            a, b = _line(measured, [table[n] for n in measured])
-            if b < 0:
-                a, b = float(np.mean([table[n] for n in measured])), 0.0
-            table = [v if n == 0 or n in measured else float(a + b * n) for n, v in enumerate(table)]
-        return table
+        groups = _medians((n, s) for n, _, s in self.history.steps if 0 < n < len(table))
+        measured = sorted(n for n, (_, count) in groups.items() if count >= MEASURED)
+        if not measured:
+            return table
+        costs = [1.0] + [groups[n][0] / one for n in measured]  # V(0) = 1: a plain forward
+        return [1.0] + np.interp(range(1, len(table)), [0] + measured, costs).tolist()
 
     def forward_seconds(self) -> float | None:
-        """A one-token target forward's seconds, the unit of every cost: the latest verifications of at most one
-        drafted token (which cost about one forward) once ``MEASURED`` were timed, else all of them, each over its
-        prior cost; None before any."""
+        """A one-token target forward's seconds, the unit of every cost: the median of the latest verifications of
+        at most one drafted token (which cost about one forward) once ``MEASURED`` were timed, else of all of them,
+        each over its prior cost; None before any."""
         short = [s / verify_cost(n) for n, _, s in self.history.steps if n <= 1]
         scaled = short if len(short) >= MEASURED else [s / verify_cost(n) for n, _, s in self.history.steps]
-        return sum(scaled) / len(scaled) if scaled else None
+        return statistics.median(scaled) if scaled else None
 
     def timed(self, draft_seconds, verify_seconds, drafted):
         self.history.steps.append((drafted, draft_seconds, verify_seconds))
 
-    def alpha(self, certified: bool) -> float:
-        """The measured acceptance rate of chain positions of a class, (accepted + 1) / (reached + 2)."""
-        return (self.history.accepted[certified] + 1) / (self.history.reached[certified] + 2)
+    def alpha(self, level: int) -> float:
+        """The measured acceptance rate of chain positions of a class: (accepted + 1) / (reached + 2) for the
+        certified ones; (accepted + 2 a) / (reached + 2) below, a the rate of all uncertified positions measured
+        the same way, toward which a class seen little is drawn (uncertified positions are rare with a close
+        drafter: split three ways, each class would start from 1/2 for its first dozens of positions)."""
+        h = self.history
+        if level == CERTIFIED:
+            return (h.accepted[level] + 1) / (h.reached[level] + 2)
+        pooled = (sum(h.accepted[:CERTIFIED]) + 1) / (sum(h.reached[:CERTIFIED]) + 2)
+        return (h.accepted[level] + 2 * pooled) / (h.reached[level] + 2)
 
     def alpha_mean(self) -> float:
         """The measured acceptance rate of chain positions of either class (what a position not yet drafted
@@ -316,24 +367,24 @@ class CertifiedSchedule(Schedule):
             self._probed = q is None and self._probe
         if certificate is None and q is not None and self.eps_hat > 0:
             certificate = float(top1_certificates(q[None]))
-        certified = q is not None and self.eps_hat > 0 and certificate > self.eps_hat
-        survive = self._survive * self.alpha(certified)
+        level = self.level(certificate) if q is not None and self.eps_hat > 0 else 0
+        survive = self._survive * self.alpha(level)
         probe = depth == 0 and self._probed
         if self._measuring(q is not None) and not probe and not self.pays(depth, survive):
             # what it would have drafted, for verification to judge (a drafter without a distribution: not known)
-            self._stop = (certified, int(argmax(q))) if q is not None else None
+            self._stop = (level, int(argmax(q))) if q is not None else None
             return 0
         self._survive = survive
-        self._drafted.append(certified)
+        self._drafted.append(level)
         return 1
 
     def may_extend(self, depth):
-        """A chain scores its last token only if the position after it may pay: drafted there, with the better of
-        the two classes' acceptance rates (which the class found there could not exceed), some chain length must
-        pay. Otherwise it stops now, as it would after scoring, and saves the drafter's forward."""
+        """A chain scores its last token only if the position after it may pay: drafted there, with the best of the
+        classes' acceptance rates (which the class found there could not exceed), some chain length must pay.
+        Otherwise it stops now, as it would after scoring, and saves the drafter's forward."""
         if self.max_width > 1 or not self._measuring(True):
             return True
-        return self.pays(depth, self._survive * max(self.alpha(True), self.alpha(False)))
+        return self.pays(depth, self._survive * max(self.alpha(level) for level in range(CERTIFIED + 1)))
 
     def _measuring(self, distribution: bool) -> bool:
         """Whether the chain's classes are measured: once eps_hat is (a drafter with a distribution; before, every
@@ -381,21 +432,20 @@ class CertifiedSchedule(Schedule):
         h, counts = self.history, self.counts
         if self.max_width == 1:
             h.yields.append((len(tree.tokens), len(path) + 1))
-        drafted, self._drafted = self._drafted, []  # a chain's positions: certified or not
+        drafted, self._drafted = self._drafted, []  # a chain's positions: their classes
         stop, self._stop = self._stop, None
         # the chain's acceptance by class (before eps_hat moves)
         if self.max_width == 1 and self._measuring(tree.logits is not None):
-            seen = [(certified, j < len(path)) for j, certified in enumerate(drafted[: len(tree.tokens)])
-                    if j <= len(path)]
+            seen = [(level, j < len(path)) for j, level in enumerate(drafted[: len(tree.tokens)]) if j <= len(path)]
             if stop is not None and len(path) == len(drafted):  # the target's bonus token judges the stop
-                certified, token = stop
-                seen.append((certified, int(argmax(target_logits[len(path)])) == token))
-            for certified, accepted in seen:
-                name = "certified" if certified else "uncertified"
-                h.reached[certified] *= 1 - 1 / RECENT  # older positions of the class weigh less (RECENT)
-                h.accepted[certified] *= 1 - 1 / RECENT
-                h.reached[certified] += 1
-                h.accepted[certified] += accepted
+                level, token = stop
+                seen.append((level, int(argmax(target_logits[len(path)])) == token))
+            for level, accepted in seen:
+                name = "certified" if level == CERTIFIED else "uncertified"
+                h.reached[level] *= 1 - 1 / RECENT  # older positions of the class weigh less (RECENT)
+                h.accepted[level] *= 1 - 1 / RECENT
+                h.reached[level] += 1
+                h.accepted[level] += accepted
                 counts[f"{name}_reached"] += 1
                 counts[f"{name}_accepted"] += accepted
         positions = [p for p in [-1] + path if tree.children(p) and tree.expanded[p + 1]]
@@ -407,7 +457,7 @@ class CertifiedSchedule(Schedule):
         divergence = kl_near(target_logits[rows], tree.logits[rows], self.eps_hat).tolist()
         greedy = argmax(target_logits[rows]).tolist()
         for j, (pos, d, x0) in enumerate(zip(positions, divergence, greedy)):
-            if self.max_width == 1 and not (j < len(drafted) and drafted[j]):
+            if self.max_width == 1 and not (j < len(drafted) and drafted[j] == CERTIFIED):
                 continue  # a chain position drafted past the certified ones: no guarantee to audit
             if d <= self.eps_hat:
                 counts["held"] += 1
@@ -415,8 +465,7 @@ class CertifiedSchedule(Schedule):
             else:
                 counts["exceeded"] += 1
         h.kls.extend(d for d in divergence if math.isfinite(d))
-        if h.kls:
-            self.eps_hat = float(np.quantile(h.kls, self.quantile))
+        self.eps = self._estimate()
 
     def audit(self):
         return dict(self.counts)

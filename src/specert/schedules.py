@@ -69,7 +69,7 @@ plain decoding's rate). This is the condition for maximising the long-run rate (
 renewal-reward ratio) with lambda the rate the policy reaches, as in Dinkelbach's method for fractional programs:
 comparing with the step's own E_k / C_k instead stops long chains too early (after many sure tokens that ratio
 exceeds what the drafter reaches on average). Position k + 1 survives with S_{k+1} = S_k alpha (its class's rate)
-and the positions after it, whose class is not known yet, with the mean rate of either class. Looking ahead (h > 1)
+and the positions after it, whose class is not known yet, with the mean rate of all classes. Looking ahead (h > 1)
 matters because the first drafted token carries the verification's fixed cost (V(1) - 1) and V is uneven: a chain
 that opens on an uncertified token may still pay over its certified ones. For a drafter far from the target the
 rates below certification are small and the chain ends at the first uncertified position (the paper's rule); for a
@@ -150,7 +150,7 @@ MEASURED = 3  # verifications of n drafted tokens timed before V(n) is theirs in
 
 # Each class's acceptance rate weighs its chain position j positions ago (of that class) by (1 - 1 / RECENT)^j: about
 # its latest RECENT positions count, so the rates follow the text being generated (a translation is drafted worse
-# than code) instead of everything the drafter ever drafted. Per class, not over both: uncertified positions are
+# than code) instead of everything the drafter ever drafted. Per class, not over all: uncertified positions are
 # rare with a close drafter, and a window over all positions would leave them a few samples and the estimate its
 # prior of 1/2.
 RECENT = 256
@@ -331,7 +331,7 @@ class CertifiedSchedule(Schedule):
         return (h.accepted[level] + 2 * pooled) / (h.reached[level] + 2)
 
     def alpha_mean(self) -> float:
-        """The measured acceptance rate of chain positions of either class (what a position not yet drafted
+        """The measured acceptance rate of chain positions of any class (what a position not yet drafted
         expects)."""
         return (sum(self.history.accepted) + 1) / (sum(self.history.reached) + 2)
 

@@ -163,6 +163,17 @@ def test_certified_tree_never_cuts_a_width_to_fit_the_budget():
     assert s.widths(1, flat, 1, budget_left=m - 1) == [0]
 
 
+def chain_widths(schedule, positions):
+    """The widths a chain schedule gives drafter logits ``positions`` (each ``[V]``) depth by depth, up to the first
+    0 (where the chain stops)."""
+    out = []
+    for depth, q in enumerate(positions):
+        out.append(schedule.widths(depth, q[None], 1, 100)[0])
+        if not out[-1]:
+            break
+    return out
+
+
 @pytest.fixture
 def verify_costs(monkeypatch):
     """The stopping rule's tests use fixed verification costs (the measured ones are the machine's): verifying any
@@ -183,12 +194,7 @@ def test_certified_chain_runs_past_the_certificate_only_while_it_pays(verify_cos
     chain = [sure, sure, unsure, sure, unsure]
 
     def widths(s):
-        out = []
-        for depth, q in enumerate(chain):
-            out.append(s.widths(depth, q[None], 1, 100)[0])
-            if not out[-1]:
-                return out
-        return out
+        return chain_widths(s, chain)
 
     s = CertifiedSchedule(max_depth=8, cost=0.3)
     s.eps = [float(drafter_certificate(unsure, 1) + drafter_certificate(sure, 1)) / 2] * 3
@@ -450,19 +456,11 @@ def test_certified_chain_classes_positions_by_the_kl_level_their_certificate_rea
     assert [s.level(float(drafter_certificate(q, 1))) for q in (sure, near, low, far)] == [CERTIFIED, 2, 1, 0]
     s.history.reached, s.history.accepted = [100.0, 100, 100, 100], [30.0, 70, 97, 99]
 
-    def chain(schedule, positions):
-        out = []
-        for depth, q in enumerate(positions):
-            out.append(schedule.widths(depth, q[None], 1, 100)[0])
-            if not out[-1]:
-                return out
-        return out
-
-    assert chain(s, [sure, near, sure, far, sure]) == [1, 1, 1, 0]
+    assert chain_widths(s, [sure, near, sure, far, sure]) == [1, 1, 1, 0]
     with pytest.MonkeyPatch.context() as m:  # two classes: every uncertified position at the lowest one's rate
         m.setattr("specert.schedules.LEVELS", (1.0,) * len(LEVELS))
         two = CertifiedSchedule(max_depth=8, cost=0.3, history=s.history)
-        assert chain(two, [sure, near, sure, far, sure]) == [1, 0]
+        assert chain_widths(two, [sure, near, sure, far, sure]) == [1, 0]
     tree = DraftTree([0, 0, 0], [-1, 0, 1], torch.stack([sure, near, sure, far]), [True] * 4)
     target = torch.zeros(4, 8)
     target[:, 0] = 5.0  # every drafted token accepted, and the far position's token 0 is the target's too

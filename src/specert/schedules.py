@@ -161,11 +161,10 @@ CERTIFIED = len(LEVELS)
 SPREAD = 8  # sum of (n - mean n)^2 over the timed steps before a line's slope is fitted to them (costs)
 
 
-def _line(x, y, w=None) -> tuple[float, float]:
-    """The (weighted) least-squares line y = a + b x, (a, b), for x that varies (np.polyfit's answer without its
-    overhead)."""
-    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
-    w = np.ones_like(x) if w is None else np.asarray(w, dtype=float)
+def _line(x, y, w) -> tuple[float, float]:
+    """The least-squares line y = a + b x through points of weights w, (a, b), for x that varies (np.polyfit's
+    answer without its overhead)."""
+    x, y, w = (np.asarray(v, dtype=float) for v in (x, y, w))
     mx, my = np.average(x, weights=w), np.average(y, weights=w)
     b = float((w * (x - mx) * (y - my)).sum() / (w * (x - mx) ** 2).sum())
     return float(my - b * mx), b

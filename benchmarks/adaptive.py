@@ -7,6 +7,11 @@ certified schedules' guarantee audit (over every round). Every config is first r
 is not measured (a served drafter has a history, which the certified schedules keep), and the target alone runs
 twice per round ("target again"): the ratio of two identical runs is the noise a per-category ratio carries.
 
+A certified schedule's tokens/s over the best fixed shape's, per category, comes with a 90% bootstrap interval over
+the category's prompts (the prompts resampled with replacement, the ratio of the resampled totals; 2,000 draws): a
+category where the interval lies above 1 is a win, one where it holds 1 a match within what these prompts can tell
+apart, one below 1 a loss. With 2 prompts per category the interval is little more than their range; take 6 or more.
+
     python benchmarks/adaptive.py --per-category 1 --max-new-tokens 48
 """
 
@@ -16,6 +21,8 @@ import argparse
 import math
 from collections import defaultdict
 from pathlib import Path
+
+import numpy as np
 
 from specert.decoding import generate
 from specert.drafters import drafter_from_spec
@@ -65,6 +72,7 @@ def main():
             generate(target, encode_prompt(target, WARM_UP), drafters[spec], max_new_tokens=48, **{kind: value})
     seconds = defaultdict(float)  # (category, config) -> seconds
     tokens = defaultdict(int)
+    runs_of = defaultdict(list)  # (category, config) -> (tokens, seconds) of each prompt's fastest run
     metrics = defaultdict(SpecDecodeMetrics)  # config -> metrics over all prompts
     audit = defaultdict(lambda: defaultdict(int))
     mismatches = 0
@@ -86,6 +94,7 @@ def main():
                 mismatches += gen.tokens != best["target"].tokens
                 seconds[cat, name] += gen.seconds
                 tokens[cat, name] += len(gen.tokens)
+                runs_of[cat, name].append((len(gen.tokens), gen.seconds))
                 if name != "target":
                     metrics[name].observe(gen)
         print(f"done {cat}", flush=True)
@@ -134,7 +143,27 @@ def main():
                   + ", ".join(f"{cat} {r:.2f}" for cat, r in ratios.items())
                   + f"; at or above it in {sum(r >= 1 for r in ratios.values())}/{len(cats)}, within the target's "
                   f"run-to-run difference in {sum(r >= 1 - noise[c] for c, r in ratios.items())}/{len(cats)}")
-    print(f"\noutputs differing from the target's greedy output: {mismatches}")
+            versus = {cat: interval(runs_of[cat, auto], runs_of[cat, best]) for cat in cats}
+            print(f"{auto} / {best.split(' ', 1)[1]} per category, 90% bootstrap interval over its prompts: "
+                  + ", ".join(f"{cat} {r:.2f} [{lo:.2f}, {hi:.2f}]" for cat, (r, lo, hi) in versus.items())
+                  + f"; above 1 in {sum(lo > 1 for _, lo, _ in versus.values())}/{len(cats)}, holding 1 in "
+                  f"{sum(lo <= 1 <= hi for _, lo, hi in versus.values())}, below 1 in "
+                  f"{sum(hi < 1 for _, _, hi in versus.values())}")
+    same = {cat: interval(runs_of[cat, "target again"], runs_of[cat, "target"]) for cat in cats}
+    print(f"\nthe method on two identical configs, target again / target: the interval holds 1 in "
+          f"{sum(lo <= 1 <= hi for _, lo, hi in same.values())}/{len(cats)} categories "
+          f"(bounds from {min(lo for _, lo, _ in same.values()):.2f} to {max(hi for _, _, hi in same.values()):.2f})")
+    print(f"outputs differing from the target's greedy output: {mismatches}")
+
+
+def interval(runs: list, other: list, draws: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+    """Tokens/s of ``runs`` over ``other``'s ((tokens, seconds) per prompt, the same prompts in the same order), and
+    its 90% percentile bootstrap interval: the prompts resampled with replacement, the ratio of resampled totals."""
+    a, b = np.array(runs, dtype=float), np.array(other, dtype=float)
+    pick = np.random.default_rng(seed).integers(0, len(a), size=(draws, len(a)))
+    ratios = (a[pick, 0].sum(1) / a[pick, 1].sum(1)) / (b[pick, 0].sum(1) / b[pick, 1].sum(1))
+    lo, hi = np.quantile(ratios, [0.05, 0.95])
+    return float((a[:, 0].sum() / a[:, 1].sum()) / (b[:, 0].sum() / b[:, 1].sum())), float(lo), float(hi)
 
 
 if __name__ == "__main__":

@@ -182,7 +182,16 @@ def verify_costs(monkeypatch):
     monkeypatch.setattr(schedules, "VERIFY_TOKEN_COST", 0.01)
 
 
-def test_certified_chain_runs_past_the_certificate_only_while_it_pays(verify_costs):
+@pytest.fixture
+def dear_verification(monkeypatch):
+    """Verification costs that a doubtful token cannot pay: 1 + 0.35 one-token forwards per drafted token. (A
+    chain position whose logits the drafter has computed costs only its verification: with 0.01 per token, any token
+    pays for it.)"""
+    monkeypatch.setattr(schedules, "VERIFY_COST", 1.0)
+    monkeypatch.setattr(schedules, "VERIFY_TOKEN_COST", 0.35)
+
+
+def test_certified_chain_runs_past_the_certificate_only_while_it_pays(dear_verification):
     """The chain's stopping rule (specert.schedules): with uncertified drafts measured mostly rejected it ends at
     the first uncertified position (the paper's rule); measured mostly accepted with a cheap drafter it runs on; a
     drafter as costly as the target cannot pay (a surely accepted token for a forward's cost) and drafts nothing."""
@@ -232,11 +241,18 @@ def test_certified_chain_drafts_while_its_tokens_beat_the_drafters_rate(verify_c
     s.history.yields.extend([(0, 1)] * 4)  # drafting nothing costs F on top of a plain forward: plain is better
     assert s.rate(0.5, 0.3) == 1.0
     s._costs = (0.0, 0.3)
-    s._rate = 2.6  # a token surviving with 0.7 is worth 0.7 < 2.6 * 0.3; followed by ones at 1/2, never
-    assert not s.pays(5, 0.7)
+    # the step's first token carries the drafter's forward (0.3) and the verification's fixed cost (0.41)
+    s._rate = 1.5  # a token surviving with 0.7 is worth 0.7 < 1.5 * 0.71; followed by ones at 1/2, never
+    assert not s.pays(0, 0.7)
+    s._rate = 1.0  # worth 0.7 < 0.71 alone, but with the one after it 1.05 > 0.42 + 2 * 0.3
+    assert s.pays(0, 0.7) and s.net(0, 0.7) == pytest.approx(1.05 - (VERIFY_COST + 2 * VERIFY_TOKEN_COST - 1 + 0.6))
+    # later in the chain a position's logits are computed already: its token costs its verification, and every
+    # token after it a drafter forward more
+    s._rate = 2.6
+    assert s.net(5, 0.7) == pytest.approx(0.7 - 2.6 * VERIFY_TOKEN_COST)
     s._rate = 2.0
-    assert s.pays(5, 0.7)
-    s.history.reached, s.history.accepted = [0.0, 0, 0, 100.0], [0.0, 0, 0, 98.0]  # positions after it: mean rate 0.97
+    s.history.reached, s.history.accepted = [0.0, 0, 0, 100.0], [0.0, 0, 0, 98.0]
+    s.history.shares = [0.0, 0, 0, 100.0]  # positions after it: mean rate 0.96
     # the first draft carries the verification (0.4 of a forward): 0.95 < 2 * 0.7, but ten of them pay
     assert 0.95 < s._rate * (VERIFY_COST - 1 + 0.3) and s.pays(0, 0.95)
     s.history.reached, s.history.accepted = [0.0, 0, 0, 100.0], [0.0, 0, 0, 50.0]
@@ -412,8 +428,8 @@ def test_a_burst_of_slowed_steps_does_not_move_the_measured_costs():
 
 def test_a_chain_does_not_score_a_last_token_whose_successor_cannot_pay(target):
     """may_extend: the certified chain asks the drafter for the logits after its latest token only if the position
-    there may pay with the better class's acceptance rate (it stops there otherwise, whatever its class): the
-    drafter's forward is skipped, and the output stays the target's greedy output."""
+    there pays for that forward on average over the classes it may find (it stops there otherwise, whatever its
+    class): the drafter's forward is skipped, and the output stays the target's greedy output."""
     from specert.schedules import CertifiedSchedule, FixedSchedule
 
     s = CertifiedSchedule(max_depth=8, cost=0.3)
@@ -438,7 +454,33 @@ def test_a_chain_does_not_score_a_last_token_whose_successor_cannot_pay(target):
     assert len(tree.tokens) == 1 and len(runs) == 1  # the context's forward only: the drafted token not scored
 
 
-def test_certified_chain_classes_positions_by_the_kl_level_their_certificate_reaches(verify_costs):
+def test_a_chain_scores_the_next_position_only_if_the_classes_found_there_pay_on_average():
+    """may_extend weighs each class by how often chain positions fall in it: a class that would pay but is rarely
+    found does not pay for a drafter forward at every step (the draft head ran a second forward at nearly every
+    step for a position it drafted at 8 steps in 460), and one found often does."""
+    from specert.schedules import CertifiedSchedule
+
+    s = CertifiedSchedule(max_depth=8)
+    s.eps, s._costs, s._rate, s._survive = [0.01] * 3, (0.0, 0.1), 1.2, 0.5
+    s.history.reached, s.history.accepted = [200.0, 15.0, 0, 0], [60.0, 13.0, 0, 0]
+    s.history.shares = [200.0, 15.0, 0, 0]
+    assert s.pays(1, s._survive * s.alpha(1)) and not s.pays(1, s._survive * s.alpha(0))  # class 1 pays, 0 not
+    assert not s.may_extend(1)  # class 1 is found at 1 position in 14
+    s.history.shares = [20.0, 150.0, 0, 0]  # the same rates, class 1 found at 7 positions in 8
+    assert s.may_extend(1)
+    s._costs = (0.0, 0.0)  # a forward that costs nothing: scoring pays whenever some class would
+    s.history.shares = [200.0, 15.0, 0, 0]
+    assert s.may_extend(1)
+    # a position whose class is not known yet expects the classes' rates weighed by their shares, not by the
+    # counts behind the rates (which decay per class: the frequent class's saturate near RECENT)
+    s.history.reached, s.history.accepted = [100.0, 100, 100, 250], [50.0, 90, 95, 249]
+    s.history.shares = [8.0, 8, 8, 226]
+    rates = [s.alpha(level) for level in range(4)]
+    assert s.alpha_mean() == pytest.approx((9 * (rates[0] + rates[1] + rates[2]) + 227 * rates[3]) / 254)
+    assert s.alpha_mean() > 0.96 > 0.88 > (sum(s.history.accepted) + 1) / (sum(s.history.reached) + 2)
+
+
+def test_certified_chain_classes_positions_by_the_kl_level_their_certificate_reaches(dear_verification):
     """A chain position's class is how many of the KL quantiles LEVELS * quantile its D_q(1) exceeds, each class with
     its own measured acceptance rate: the chain runs on through a position certified nearly to eps_hat (its class
     accepted 97% of the time) and stops at one far below it (30%), where two classes, certified or not, stop at
@@ -469,6 +511,8 @@ def test_certified_chain_classes_positions_by_the_kl_level_their_certificate_rea
     # sure twice, near once, the far stop judged by the target's bonus token (accepted), class 1 not seen
     assert s.history.reached == pytest.approx([100 * g + 1, 100, 100 * g + 1, 100 * g * g + g + 1])
     assert s.history.accepted == pytest.approx([30 * g + 1, 70, 97 * g + 1, 99 * g * g + g + 1])
+    # the classes' shares decay together: the latest position weighs 1, the one before g, ...
+    assert s.history.shares == pytest.approx([1, 0, g**2, g**3 + g])
     # a class seen little starts from the rate of all uncertified positions, not from 1/2
     s.history.reached, s.history.accepted = [40.0, 0, 0, 100], [36.0, 0, 0, 99]
     assert s.alpha(2) == pytest.approx(37 / 42) and s.alpha(0) == pytest.approx((36 + 2 * 37 / 42) / 42)

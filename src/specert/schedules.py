@@ -372,12 +372,14 @@ class CertifiedSchedule(Schedule):
         cost = sum(fixed + v[min(n, len(v) - 1)] + n * c for n, _ in steps)
         return max(1.0, sum(emitted for _, emitted in steps) / cost) if steps else 1.0
 
-    def net(self, depth: int, survive: float) -> float:
+    def net(self, depth: int, survive: float, ahead: float | None = None) -> float:
         """What drafting on at ``depth`` (its token surviving with probability ``survive``, its logits computed)
         earns at best, over the chain lengths k + h (h = 1 .. what is left), the positions after this one expected
         at the mean rate: max over h of the tokens they add less lambda times their cost, the verification's and
-        the h - 1 drafter forwards that score the positions between them (h from the first: module docstring)."""
-        c, ahead, v = self._costs[1], self.alpha_mean(), self._verify or self.verify_costs()
+        the h - 1 drafter forwards that score the positions between them (h from the first: module docstring).
+        ``ahead``: :meth:`alpha_mean`, when the caller has it."""
+        c, v = self._costs[1], self._verify or self.verify_costs()
+        ahead = self.alpha_mean() if ahead is None else ahead
         best, gain, term = -math.inf, 0.0, survive
         for h in range(1, min(max(1, self.depths - depth), len(v) - 1 - depth) + 1):
             gain, term = gain + term, term * ahead
@@ -425,7 +427,8 @@ class CertifiedSchedule(Schedule):
         every step for a second position it drafted at 8 steps in 460: 5-11% slower than a chain of one."""
         if self.max_width > 1 or not self._measuring(True):
             return True
-        value = sum(p * max(self.net(depth, self._survive * self.alpha(level)), 0.0)
+        ahead = self.alpha_mean()
+        value = sum(p * max(self.net(depth, self._survive * self.alpha(level), ahead), 0.0)
                     for level, p in enumerate(self.shares()))
         return value > self._rate * self._costs[1]
 

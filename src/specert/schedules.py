@@ -361,7 +361,7 @@ class CertifiedSchedule(Schedule):
 
     def alpha_mean(self) -> float:
         """The acceptance rate a chain position expects before its class is known: sum over classes l of P(l)
-        alpha_l. (The pooled counts, over-weighing the rare classes, read 0.93 for 0.975 with ``compiled:int4``,
+        alpha_l. (The pooled counts, over-weighing the rare classes, read about 0.93 for 0.97 with ``compiled:int4``,
         and the lookahead then stopped chains before the lengths that verify dearly, 85 of 225 after 2 tokens.)"""
         return sum(p * self.alpha(level) for level, p in enumerate(self.shares()))
 

@@ -11,6 +11,8 @@ A certified schedule's tokens/s over the best fixed shape's, per category, comes
 the category's prompts (the prompts resampled with replacement, the ratio of the resampled totals; 2,000 draws): a
 category where the interval lies above 1 is a win, one where it holds 1 a match within what these prompts can tell
 apart, one below 1 a loss. With 2 prompts per category the interval is little more than their range; take 6 or more.
+The interval resamples prompts, not a prompt's timing, and runs narrow: the target against itself (printed last)
+fell outside it in 1-5 of 13 categories with 4-6 prompts each (session 15). Read a ratio near 1 against that line.
 
     python benchmarks/adaptive.py --per-category 1 --max-new-tokens 48
 """

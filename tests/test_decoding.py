@@ -406,6 +406,34 @@ def test_the_drafting_cost_is_not_charged_with_steps_that_drafted_nothing():
     assert s.costs() == pytest.approx((0.0, 0.012 / unit))  # was (0.4 + 0.036) / 3: twelve times more
 
 
+def test_a_chain_reprices_every_few_steps():
+    """A chain's prices (F, c, V, lambda) are recomputed at the first step of a generation, at every step while
+    the history is short, and every REPRICE steps after: a drafter that turns dearer is priced so within REPRICE
+    steps, and between two pricings the prices stand."""
+    from specert.schedules import PRICED, REPRICE, CertifiedSchedule
+
+    one = 0.03
+    history = CertifiedSchedule().history
+    history.steps.extend([(n % 4, 0.002 + 0.001 * (n % 4), one) for n in range(2 * PRICED)])
+    s = CertifiedSchedule(max_depth=4, history=history)
+    s.widths(0, None, 1, 100)
+    cheap = s._costs[1]
+    assert cheap == pytest.approx(0.001 / one, rel=0.05)
+    history.steps.extend([(n % 4, 0.002 + 0.01 * (n % 4), one) for n in range(256)])  # ten times dearer
+    prices = []
+    for _ in range(REPRICE):
+        s.widths(0, None, 1, 100)
+        prices.append(s._costs[1])
+    assert prices[0] == cheap and prices[-1] == pytest.approx(0.01 / one, rel=0.05)
+    assert prices.count(prices[-1]) == 1  # repriced once, at the last of these steps
+    short = CertifiedSchedule(max_depth=4)  # a short history: every step
+    short.history.steps.extend([(1, 0.003, one)] * 8)
+    short.widths(0, None, 1, 100)
+    short.history.steps.extend([(1, 0.03, one)] * 16)
+    short.widths(0, None, 1, 100)
+    assert short._costs[1] == pytest.approx(0.03 / short.forward_seconds())
+
+
 def test_a_burst_of_slowed_steps_does_not_move_the_measured_costs():
     """Timing noise on a shared machine is one-sided: a burst of steps slowed threefold by another process (8 of 68)
     leaves the unit, F, c and V where the steady steps put them (every timing is a median; the mean moved the unit
@@ -633,9 +661,39 @@ def test_ngram_chain_copies_a_span():
     # suffix (2, 3) was followed by 9 and by 4, once each: the most recent (4) first, then its span 5, 6, 7
     chain = drafter.propose(context, make_schedule(k=4))
     assert chain.tokens == [4, 5, 6, 7] and chain.parents == [-1, 0, 1, 2]
-    assert drafter.continuations(torch.tensor(context)) == [(4, 8), (9, 3)]
+    assert drafter.continuations(torch.tensor(context)) == (2, [(4, 8), (9, 3)])
     tree = drafter.propose(context, make_schedule(tree="2,1"))
     assert tree.tokens == [4, 9, 5, 9] and tree.parents == [-1, -1, 0, 1]
+
+
+def test_ngram_chain_names_its_match_sizes_and_its_stops_are_judged():
+    """An n-gram chain hands the schedule, with each token, the class of the match behind it (its size - 1, at most
+    CERTIFIED - 1): a looked-up token behind a 1-token suffix, then copied tokens behind 2 and 3 tokens that agree.
+    Where a certified chain stops, the target's bonus token judges the token it would have drafted there, so the
+    class's acceptance is measured without drafting it (and a low estimate is revised without probes)."""
+    from specert.schedules import RECENT, CertifiedSchedule, FixedSchedule
+
+    context = [7, 8, 4, 5, 6, 1, 4]  # (1, 4) never occurred before; (4) did, followed by 5, 6, 1
+    drafter = NGramDrafter(3)
+    seen = []
+
+    class Record(FixedSchedule):
+        def widths(self, depth, logits, frontier, budget_left, certificate=None, guess=None):
+            seen.append(guess)
+            return super().widths(depth, logits, frontier, budget_left, certificate, guess)
+
+    assert drafter.propose(context, Record([1] * 3)).tokens == [5, 6, 1]
+    assert seen == [(0, 5), (1, 6), (2, 1)]
+    s = CertifiedSchedule(max_depth=8, cost=0.3)
+    s.history.reached, s.history.accepted = [60.0, 0, 0, 0], [3.0, 0, 0, 0]  # class 0: right 1 time in 20
+    tree = drafter.propose(context, s)
+    assert tree.tokens == []  # not worth drafting
+    target = torch.zeros(1, 10)
+    target[0, 5] = 1.0  # the target's token there is the one the chain stopped at
+    s.observe(tree, target, [])
+    decay = 1 - 1 / RECENT
+    assert s.history.reached[0] == pytest.approx(60 * decay + 1)
+    assert s.history.accepted[0] == pytest.approx(3 * decay + 1)
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])

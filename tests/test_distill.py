@@ -184,6 +184,32 @@ def test_head_proposal_matches_teacher_forcing_and_training_passes(trained, tiny
     torch.testing.assert_close(g1[0, n - 1], g[0, -1], rtol=1e-5, atol=1e-5)
 
 
+def test_head_certificate_from_its_small_logits(trained, tiny_chat_dir):
+    """The head's D_q(1) from its [S + 1] small logits is that of its distribution over the whole vocabulary
+    whenever each of the rest's tokens is below its two largest draft logits (even when the rest's mass is not), and
+    is left to the caller (None) otherwise."""
+    from specert.certificates import top1_certificates
+
+    _, work, _ = trained
+    head = load_head(work / "head.safetensors", load_model(str(tiny_chat_dir)))
+    gen = torch.Generator().manual_seed(3)
+    size = len(head.vocab) + 1
+    answered = 0
+    m = head.log_others  # the rest's tokens each have the logit small[-1] - m
+    for scale, rest in [(1.0, -5.0), (4.0, 0.0), (0.3, m + 0.5), (8.0, 3.0), (1.0, m + 6.0), (0.05, m)]:
+        for _ in range(20):
+            small = torch.randn(size, generator=gen) * scale
+            small[-1] = rest + torch.randn(1, generator=gen).item()
+            full = float(top1_certificates(head.full_logits(small)[None]))
+            got = head.certificate(small)
+            if int((small[:-1] > small[-1] - head.log_others).sum()) >= 2:
+                answered += 1
+                assert got == pytest.approx(full, rel=1e-5, abs=1e-7)
+            else:
+                assert got is None
+    assert 60 < answered < 120  # both cases were exercised
+
+
 def test_depth_mask():
     m = _depth_mask(4, 2).int().tolist()  # query t sees real keys s <= t - 1 and its own pass-2 key
     assert m == [[0, 0, 0, 0, 1, 0, 0, 0], [1, 0, 0, 0, 0, 1, 0, 0], [1, 1, 0, 0, 0, 0, 1, 0],

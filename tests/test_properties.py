@@ -2,7 +2,7 @@
 
 import numpy as np
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
@@ -20,11 +20,15 @@ def cert(x, spec):
 
 @SETTINGS
 @given(logits)
+@example(np.array([2.22044605e-16, 0.0, 0.0, 0.0]))
 def test_non_negative_and_greedy_is_strictest(x):
+    """Up to float64's resolution of a KL near a tie: greedy's closed form keeps its relative precision there (the
+    gap of two logits is exact), the water-filling of a group of three or more rounds to 0 below about 1e-16 (a
+    tree:2 certificate of 0 where greedy's is 6e-33 and its exact value 4/3 of that: an understatement, as allowed)."""
     greedy = cert(x, "greedy")
     assert greedy >= 0
     for spec in ["additive:0.2", "multiplicative:0.3", "topm:2", "typical:0.09,0.3", "tree:2"]:
-        assert cert(x, spec) >= greedy
+        assert cert(x, spec) >= greedy - 1e-15
 
 
 @SETTINGS

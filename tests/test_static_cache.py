@@ -114,9 +114,9 @@ def test_a_certified_chain_reads_the_compiled_steps_certificate(monkeypatch):
     drafter = drafter_from_spec("compiled:int4", target)
     seen, chain_width = [], schedules.CertifiedSchedule._chain_width
 
-    def spy(self, depth, q, certificate):
+    def spy(self, depth, q, certificate, guess):
         seen.append((certificate, float(drafter_certificate(q, 1))))
-        return chain_width(self, depth, q, certificate)
+        return chain_width(self, depth, q, certificate, guess)
 
     monkeypatch.setattr(schedules.CertifiedSchedule, "_chain_width", spy)
     generate(target, [5, 17, 30, 200, 17, 30], drafter, max_new_tokens=30, stop_at_eos=False, k="auto")

@@ -265,7 +265,7 @@ def _drafter_certificate_group(logits: torch.Tensor, m: int) -> torch.Tensor:
     return round_down(d, logits.dtype)
 
 
-def top1_certificates(logits: torch.Tensor) -> torch.Tensor:
+def top1_certificates(logits: torch.Tensor, candidates: int | None = None) -> torch.Tensor:
     r"""D_q(1) of float32/64 torch logits ``[n, V]``, unchecked: :func:`drafter_certificate` at m = 1 without its
     input validation, for a decoder asking it of the logits of its own drafter at every drafted position (torch
     ops only, so a compiled drafter step computes it with its logits: :mod:`specert.static_cache`).
@@ -284,13 +284,16 @@ def top1_certificates(logits: torch.Tensor) -> torch.Tensor:
     sqrt(q_2))^2 exceeds 1/2 (q concentrated: there 1 - gap would cancel). Rounded down; ``inf`` where q has one
     token of mass.
 
+    ``candidates``: only the first that many logits may be q's two most probable tokens, the others count in R
+    only (a caller that knows the others are below them: :meth:`~specert.head.DraftHead.certificate`).
+
     NOTE: the two top tokens are found with :func:`~specert.tensors.argmax`, not ``topk`` (10-30x slower on one row
     of 49k logits on a CPU): a chain's certificate costs about a third of the general path's.
     """
-    first = argmax(logits)[:, None]
+    first = argmax(logits[:, :candidates])[:, None]
     top1 = logits.gather(-1, first)
     rest = logits.scatter(-1, first, -math.inf)
-    second = argmax(rest)[:, None]
+    second = argmax(rest[:, :candidates])[:, None]
     d = (top1 - rest.gather(-1, second)).squeeze(-1).double()  # inf when q has one token of mass: D = inf
     outside = torch.exp(rest.scatter(-1, second, -math.inf) - top1).sum(-1).double()  # R
     total = 1 + torch.exp(-d) + outside  # S

@@ -160,7 +160,7 @@ def drafter_part(loaded, drafter_spec, drafter, encoded, greedy, batch, cfg) -> 
         out = loaded.model(full, output_hidden_states=bool(layers))
         p = out.logits[0, n - 1 :].double()  # [T, V]: p at every generated step
         if isinstance(drafter, NGramDrafter):
-            draft_tokens = torch.tensor([(drafter.continuations(torch.tensor(seq[: n + t])) or [(-1, -1)])[0][0]
+            draft_tokens = torch.tensor([(drafter.continuations(torch.tensor(seq[: n + t]))[1] or [(-1, -1)])[0][0]
                                          for t in range(len(gen))])
             has = draft_tokens >= 0
             divergence = torch.full((len(gen),), float("nan"), dtype=torch.float64)

@@ -35,6 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from specert.certificates import top1_certificates
+
 FORMAT = "specert-draft-head/1"
 
 
@@ -130,6 +132,18 @@ class DraftHead(nn.Module):
         """Logits over the draft vocabulary and the shared rest: ``[..., S + 1]``."""
         h = self.norm(g)
         return torch.cat([h @ self.lm_rows.T, self.rest(h)], -1)
+
+    def certificate(self, small: torch.Tensor) -> float | None:
+        """D_q(1) of the drafter's distribution over the whole vocabulary (:meth:`full_logits` of ``small``
+        ``[S + 1]``) from the small logits alone: 8,193 logits scanned instead of 49,152 (0.3 ms of a 36 ms step).
+        The rest's M tokens each have the logit r = small[-1] - log M; when two draft logits exceed it, q's two most
+        probable tokens are draft tokens, and the rest's mass M e^r = e^{small[-1]} is what the small logits'
+        last one adds to the normalizer: :func:`~specert.certificates.top1_certificates` of ``small`` with the
+        draft logits as the only candidates is that of the full logits. None otherwise (a rest token among the two
+        most probable: the caller computes it over the whole vocabulary)."""
+        if self.cfg.vocab_size == len(self.vocab) or int((small[:-1] > small[-1] - self.log_others).sum()) < 2:
+            return None
+        return float(top1_certificates(small[None], candidates=len(self.vocab)))
 
     def full_logits(self, small: torch.Tensor) -> torch.Tensor:
         """``[..., S + 1]`` draft logits as logits over the whole vocabulary ``[..., V]`` (the rest spread evenly)."""

@@ -124,10 +124,13 @@ class Schedule:
         return self.budget
 
     def widths(self, depth: int, logits: torch.Tensor | None, frontier: int, budget_left: int,
-               certificate: float | None = None) -> list[int]:
+               certificate: float | None = None, guess: tuple[int, int] | None = None) -> list[int]:
         """Widths of the ``frontier`` positions at ``depth``; ``logits [frontier, V]`` are the drafter's there
         (None for drafters without a distribution), ``certificate`` D_q(1) of a frontier of one position when the
-        drafter computed it with its logits (a compiled step: :mod:`specert.static_cache`)."""
+        drafter computed it with its logits (a compiled step: :mod:`specert.static_cache` ; the draft head: its
+        small logits), ``guess`` (class, token) of a frontier of one position of a drafter without a distribution:
+        the token it would draft there and the class of its evidence, 0 .. ``CERTIFIED`` - 1 (:mod:`~specert.drafters`'
+        n-grams: the match size behind it)."""
         raise NotImplementedError
 
     def may_extend(self, depth: int) -> bool:
@@ -169,6 +172,11 @@ RECENT = 256
 LEVELS = (0.25, 0.5, 1.0)
 CERTIFIED = len(LEVELS)
 SPREAD = 8  # sum of (n - mean n)^2 over the timed steps before a line's slope is fitted to them (costs)
+# A chain's prices (F, c), V and lambda are recomputed at a generation's first step and every REPRICE steps after,
+# at every step while fewer than PRICED steps were timed: medians and a line over the latest 256 steps, they move
+# little from one step to the next, and computing them took 0.2-0.3 ms a step, 0.6-0.8% of a draft head's step.
+REPRICE = 8
+PRICED = 64
 
 
 def _line(x, y, w) -> tuple[float, float]:
@@ -202,7 +210,7 @@ class FixedSchedule(Schedule):
         self.max_depth = len(widths)
         self.budget = int(sum(np.cumprod(widths)))
 
-    def widths(self, depth, logits, frontier, budget_left, certificate=None):
+    def widths(self, depth, logits, frontier, budget_left, certificate=None, guess=None):
         return [self.schedule[depth]] * frontier
 
 
@@ -216,7 +224,7 @@ class HeuristicSchedule(Schedule):
         self.max_depth = min(start, self.LIMIT)
         self.budget = self.LIMIT
 
-    def widths(self, depth, logits, frontier, budget_left, certificate=None):
+    def widths(self, depth, logits, frontier, budget_left, certificate=None, guess=None):
         return [1] * frontier
 
     def observe(self, tree, target_logits, path):
@@ -263,6 +271,7 @@ class CertifiedSchedule(Schedule):
         self._probe = self._probed = False  # the step after a skip may probe (a chain without a distribution)
         self._costs, self._rate = (0.0, 0.0), 1.0  # (F, c) and lambda for this step
         self._verify: list[float] | None = None  # V(0 .. max_depth) for this step
+        self._lambda, self._priced = 1.0, 0  # the latest lambda computed, and the steps since the first pricing
 
     @property
     def eps_hat(self) -> float:
@@ -391,24 +400,32 @@ class CertifiedSchedule(Schedule):
         """Whether drafting on at ``depth`` pays for some chain length: :meth:`net` > 0."""
         return self.net(depth, survive) > 0
 
-    def _chain_width(self, depth: int, q: torch.Tensor | None, certificate: float | None) -> int:
+    def _chain_width(self, depth: int, q: torch.Tensor | None, certificate: float | None,
+                     guess: tuple[int, int] | None) -> int:
         if depth == 0:
             self._drafted, self._stop, self._survive = [], None, 1.0
-            self._costs, self._verify = self.costs(), self.verify_costs()
+            if self._priced % REPRICE == 0 or len(self.history.steps) < PRICED:
+                self._costs, self._verify = self.costs(), self.verify_costs()
+                self._lambda = self.rate(*self._costs)
+            self._priced += 1
             # near the end of the generation there is no long run to earn lambda in: what the chain does not
             # draft, plain decoding (rate 1) must produce
-            self._rate = self.rate(*self._costs) if self.room >= self.max_depth else 1.0
-            # A drafter without a distribution leaves no token for the target to judge where the chain stops, so
-            # a low acceptance estimate would stop it for good: the first step after a skip drafts one token anyway.
-            self._probed = q is None and self._probe
+            self._rate = self._lambda if self.room >= self.max_depth else 1.0
+            # A drafter that names neither a distribution nor its token leaves nothing for the target to judge
+            # where the chain stops, so a low acceptance estimate would stop it for good: the first step after a
+            # skip drafts one token anyway.
+            self._probed = q is None and guess is None and self._probe
         if certificate is None and q is not None and self.eps_hat > 0:
             certificate = float(top1_certificates(q[None]))
-        level = self.level(certificate) if q is not None and self.eps_hat > 0 else 0
+        if guess is not None:
+            level = guess[0]
+        else:
+            level = self.level(certificate) if q is not None and self.eps_hat > 0 else 0
         survive = self._survive * self.alpha(level)
         probe = depth == 0 and self._probed
         if self._measuring(q is not None) and not probe and not self.pays(depth, survive):
-            # what it would have drafted, for verification to judge (a drafter without a distribution: not known)
-            self._stop = (level, int(argmax(q))) if q is not None else None
+            # what it would have drafted, for verification to judge (a drafter that names neither: not known)
+            self._stop = (level, int(argmax(q))) if q is not None else guess
             return 0
         self._survive = survive
         self._drafted.append(level)
@@ -438,10 +455,10 @@ class CertifiedSchedule(Schedule):
         uncertified: alpha_u is its acceptance rate, and the stopping rule runs on it alone)."""
         return self.eps_hat > 0 or not distribution
 
-    def widths(self, depth, logits, frontier, budget_left, certificate=None):
+    def widths(self, depth, logits, frontier, budget_left, certificate=None, guess=None):
         if self.max_width == 1 and frontier == 1:
-            return [self._chain_width(depth, None if logits is None else logits[0], certificate) if budget_left
-                    else 0]
+            return [self._chain_width(depth, None if logits is None else logits[0], certificate, guess)
+                    if budget_left else 0]
         if logits is None:  # no distribution to certify: a plain tree level
             return [1] * frontier if budget_left >= frontier else [0] * frontier
         out = []

@@ -22,10 +22,10 @@ positions (0 before the first, so a drafter's first step drafts in full). What a
 
 A tree position gets the smallest certified width. After a step that drafted nothing the drafter is not run for 1,
 2, 4, ... 32 steps (plain decoding) before it is probed again, unless it is a chain's drafter whose drafting pays
-(lambda > 1, below): a drafter far from the target drafts little and costs little. A chain's drafter without a
-distribution drafts one token at that probe whatever its estimate says (below, the stop position of a drafter with
-a distribution is judged for free; without one nothing is, and a low estimate would never be revised); a probe
-that is rejected counts as a step that drafted nothing.
+(lambda > 1, below): a drafter far from the target drafts little and costs little. A chain's drafter that names
+neither a distribution nor its next token (``guess``) drafts one token at that probe whatever its estimate says
+(below, the token where a chain stops is judged for free; unnamed, nothing is, and a low estimate would never be
+revised); a probe that is rejected counts as a step that drafted nothing.
 
 The certified chain stops where drafting stops paying. A position is *certified* when D_q(1) > eps_hat; one that
 is not is certified at a lower level of the measured KLs, and that level says much about its odds: ``LEVELS``
@@ -51,7 +51,8 @@ rate), so a chain of k expects
 E_k = 1 + S_1 + ... + S_k tokens for a cost of C_k = F + V(k) + k c target forwards, c being a drafted token's
 marginal cost relative to a target forward of one token and F a step's fixed cost besides the target's forward (the
 drafter catching up with the context, the bookkeeping), both measured from the step timings unless c is given (a
-least-squares line of a step's seconds outside the target's forward against its drafted tokens), and V(k) what the
+least-squares line of a step's seconds outside the target's forward against its drafted tokens; these prices are
+recomputed every ``REPRICE`` steps), and V(k) what the
 target's forward costs when it verifies k drafted tokens (V(0) = 1, a plain forward). V is measured too: the median
 seconds of the latest verifications of k drafted tokens over a one-token forward's, once ``MEASURED`` (3) of them
 were timed; before that the prior ``VERIFY_COST + k VERIFY_TOKEN_COST``, and for a length not measured yet the
@@ -84,8 +85,11 @@ matters because the first drafted token carries the verification's fixed cost (V
 that opens on an uncertified token may still pay over its certified ones. For a drafter far from the target the
 rates below certification are small and the chain ends at the first uncertified position (the paper's rule); for a
 close, cheap one it runs on past the positions certified nearly to eps_hat and stops at the ones far below. A
-drafter without a distribution (n-grams) has no certificates: every position is in class 0, and its chain stops by
-the same rule on its measured acceptance rate alone.
+drafter without a distribution has no certificates; it may name each position's class itself, below
+``CERTIFIED``, with the token it would draft there (``guess``): the n-gram drafter's is the size of the match behind
+the token less one (:class:`~specert.drafters.NGramDrafter`: on Spec-Bench a token behind a match of 1 token was the
+target's 19% of the time, of 3 tokens 72-76%), and its chain stops by the same rule on those classes' measured
+rates, its stops judged like any other. One that names none has every position in class 0.
 
 The guarantee audit counts, at verified certified positions (every position of a certified tree, the certified
 ones of a chain): ``held`` (KL <= the eps_hat the width was chosen with), ``held_covered`` (of those, the target's

@@ -114,6 +114,7 @@ from specert.tensors import argmax
 
 class Schedule:
     max_depth: int = 1
+    certifies: bool = False  # whether widths() reads the drafter's certificate (a drafter need not compute it)
     budget: int = 10**9  # most nodes per tree
     room: int = 10**9  # drafted tokens the generation can still use (set by the decoder: max_new_tokens left - 1)
 
@@ -131,7 +132,7 @@ class Schedule:
                certificate: float | None = None, guess: tuple[int, int] | None = None) -> list[int]:
         """Widths of the ``frontier`` positions at ``depth``; ``logits [frontier, V]`` are the drafter's there
         (None for drafters without a distribution), ``certificate`` D_q(1) of a frontier of one position when the
-        drafter computed it with its logits (a compiled step: :mod:`specert.static_cache` ; the draft head: its
+        drafter computed it with its logits (a compiled step: :mod:`specert.static_cache`; the draft head: from its
         small logits), ``guess`` (class, token) of a frontier of one position of a drafter without a distribution:
         the token it would draft there and the class of its evidence, 0 .. ``CERTIFIED`` - 1 (:mod:`~specert.drafters`'
         n-grams: the match size behind it)."""
@@ -255,6 +256,8 @@ class History:
 
 class CertifiedSchedule(Schedule):
     """Widths from the drafter-side certificate against an online estimate of the drafter's KL (module docstring)."""
+
+    certifies = True
 
     def __init__(self, max_depth: int = 16, max_width: int = 1, budget: int | None = None, quantile: float = 0.9,
                  cost: float | None = None, history: History | None = None):

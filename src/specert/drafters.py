@@ -446,9 +446,7 @@ class NGramDrafter(Drafter):
                     parents.append(pos)
                     paths[len(tokens) - 1], sources[len(tokens) - 1] = path + [tok], at
                     nxt.append(len(tokens) - 1)
-            frontier = nxt
-            if not frontier:
-                break
+            frontier = nxt  # empty: the next depth finds no candidates and stops
         return DraftTree(tokens, parents, None, [False] * (1 + len(tokens)))
 
 

@@ -333,6 +333,19 @@ def test_certified_chain_drafts_past_lengths_it_has_not_measured_at_this_machine
     assert chain() == 12
 
 
+def test_verification_costs_are_measured_against_the_forwards_of_their_time():
+    """V(n) divides each verification's seconds by the one-token forwards just before it, not by one median over
+    the history: a length drafted only in a short prompt (forwards of 30 ms) is not read cheaper than one token
+    against the 36 ms forwards of the long prompts after it."""
+    from specert.schedules import CertifiedSchedule, verify_cost
+
+    s = CertifiedSchedule(max_depth=4)
+    one = verify_cost(1)  # the prior's V(1), the unit's own measure
+    s.history.steps.extend([(1, 0.0, 0.030 * one)] * 20 + [(2, 0.0, 0.030 * 1.1)] * 3 + [(1, 0.0, 0.036 * one)] * 60)
+    assert s.forward_seconds() == pytest.approx(0.036)  # the history's median: the long prompts'
+    assert s.verify_costs()[:3] == pytest.approx([1.0, one, 1.1])  # against it V(2) would read 0.92
+
+
 def test_certified_chain_without_a_distribution_stops_on_its_measured_acceptance():
     """A drafter without a distribution (n-grams) gets no certificates: its chain is measured from its first step,
     every position uncertified, and stops by the rule on that rate (it drafted every chain to the limit before)."""
@@ -541,7 +554,9 @@ def test_certified_chain_classes_positions_by_the_kl_level_their_certificate_rea
     assert s.history.accepted == pytest.approx([30 * g + 1, 70, 97 * g + 1, 99 * g * g + g + 1])
     # the classes' shares decay together: the latest position weighs 1, the one before g, ...
     assert s.history.shares == pytest.approx([1, 0, g**2, g**3 + g])
-    # a class seen little starts from the rate of all uncertified positions, not from 1/2
+    # a class seen little starts from the rate of all uncertified positions, not from 1/2 (the next generation:
+    # this one's positions weigh in its rates too, schedules.PRIOR)
+    s = CertifiedSchedule(max_depth=8, cost=0.3, history=s.history)
     s.history.reached, s.history.accepted = [40.0, 0, 0, 100], [36.0, 0, 0, 99]
     assert s.alpha(2) == pytest.approx(37 / 42) and s.alpha(0) == pytest.approx((36 + 2 * 37 / 42) / 42)
     assert s.alpha(CERTIFIED) == pytest.approx(100 / 102)
@@ -589,6 +604,28 @@ def test_certified_chain_follows_the_text_being_generated(verify_costs):
         s.observe(DraftTree([2], [-1], unsure[None].repeat(2, 1), [True, False]), target, [])
     assert s.alpha(0) < 0.7
     assert s.widths(0, unsure[None], 1, 100) == [0]
+
+
+def test_certified_chain_follows_the_text_within_a_generation(verify_costs):
+    """Within a generation a class's rate is this generation's positions with the history's rate weighing PRIOR
+    positions (schedules.PRIOR): a drafter whose class-2 tokens the history accepted 90% of the time stops drafting
+    them after a few rejections in this text, where the history alone (256 positions) would still have it draft;
+    the next generation starts again from the history."""
+    from specert.drafters import DraftTree
+    from specert.schedules import PRIOR, CertifiedSchedule, History
+
+    history = History(reached=[10.0, 10, 200, 0], accepted=[1.0, 3, 180, 0])
+    s = CertifiedSchedule(max_depth=8, cost=0.3, history=history)
+    target = torch.zeros(2, 8)
+    target[:, 3] = 5.0  # the target wants 3: the drafter's 5 is rejected
+    rejected = 0
+    while s.widths(0, None, 1, 100, guess=(2, 5)) == [1] and rejected < 30:
+        s.observe(DraftTree([5], [-1], None, [False, False]), target, [])
+        rejected += 1
+    fresh = CertifiedSchedule(max_depth=8, cost=0.3, history=history)  # the next generation
+    assert 3 <= rejected <= 8 and fresh.alpha(2) > 0.85  # the history's rate (256 positions) barely moved
+    assert s.alpha(2) == pytest.approx(PRIOR * fresh.alpha(2) / (rejected + PRIOR))
+    assert fresh.widths(0, None, 1, 100, guess=(2, 5)) == [1]
 
 
 def test_drafts_never_exceed_the_room_left(target):

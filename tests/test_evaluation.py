@@ -107,3 +107,51 @@ def test_resume_with_other_settings_is_refused(tiny_chat_dir, tmp_path):
 def test_eval_cli_errors(args, message, tmp_path):
     res = CliRunner().invoke(main, ["eval", "--out", str(tmp_path / "o"), *args])
     assert res.exit_code != 0 and message in res.output and "Traceback" not in res.output
+
+
+def test_decoding_runs_side_by_side_in_rotated_order_and_resumes_per_prompt(tiny_chat_dir, tmp_path, monkeypatch):
+    import specert.evaluation as ev
+    from specert.decoding import generate
+    from specert.drafters import drafter_from_spec
+    from specert.models import encode_prompt, load_model
+    from specert.trace import SpecDecodeMetrics
+
+    loaded = load_model(str(tiny_chat_dir))
+    encoded = {i: encode_prompt(loaded, text) for i, text in enumerate(["one two", "three four five", "six"])}
+    greedy = {i: generate(loaded, ids, max_new_tokens=6).tokens for i, ids in encoded.items()}
+    ngram = drafter_from_spec("ngram:2", loaded)
+    jobs = [ev.DecodeJob("target"), ev.DecodeJob("a", ngram, "greedy", {"k": 3}),
+            ev.DecodeJob("b", drafter_from_spec("layerskip:1", loaded), "greedy", {"k": "auto"})]
+    runs, decode_prompt = [], ev.decode_prompt
+
+    def spy(loaded, job, ids, ref, steps):
+        runs.append((job.name, ids))
+        if job.drafter is not None:  # each job decodes with its own history
+            assert job.drafter.history is histories.setdefault(job.name, job.drafter.history)
+        return decode_prompt(loaded, job, ids, ref, steps)
+
+    histories = {}
+    monkeypatch.setattr(ev, "decode_prompt", spy)
+    out = ev.decode_side_by_side(loaded, jobs, encoded, greedy, [0, 1, 2], 6, tmp_path / "parts", progress=False)
+    names = [name for name, _ in runs]
+    assert names == ["target", "a", "b", "a", "b", "target", "b", "target", "a"]  # rotated by one per prompt
+    assert [ids for _, ids in runs[::3]] == [encoded[0], encoded[1], encoded[2]]
+    assert histories["a"] is not histories["b"]
+    # a job's result is its prompts' counts combined: as if one summary had observed every generation
+    ngram.history = None
+    whole = SpecDecodeMetrics()
+    for i in range(3):
+        whole.observe(generate(loaded, encoded[i], ngram, "greedy", k=3, max_new_tokens=6, trace=True))
+    for key in ("num_drafts", "num_draft_tokens", "num_accepted_tokens", "num_generated_tokens", "num_target_tokens",
+                "accepted_per_position", "drafted_per_position", "certified_positions", "soundness_violations"):
+        assert out["a"][key] == getattr(whole, key), key
+    assert out["target"]["agreement"] == 1.0 and out["a"]["agreement"] == 1.0 and out["a"]["prompts"] == 3
+    # a rerun reads every (job, prompt) part back instead of decoding again; a lost part alone is redone
+    (tmp_path / "parts" / "b" / "prompt-00001.json").unlink()
+    runs.clear()
+    histories.clear()
+    again = ev.decode_side_by_side(loaded, jobs, encoded, greedy, [0, 1, 2], 6, tmp_path / "parts", progress=False)
+    assert runs == [("b", encoded[1])]
+    for name in ("target", "a"):
+        assert again[name]["seconds"] == out[name]["seconds"]  # read back, not timed again
+    assert again["b"]["num_generated_tokens"] == out["b"]["num_generated_tokens"]

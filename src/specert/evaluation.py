@@ -8,9 +8,9 @@ nothing recomputed and nothing duplicated (a part is written whole, atomically, 
    step the target's statistics and the certificate of every rule.
 2. ``drafters/<drafter>/part-NNNNN.parquet``: for each drafter, teacher-forced along the target's greedy text:
    KL(p || q), the drafter-side certificate and, per rule, whether the step is certified and accepted.
-3. ``decode/<name>.json``: real speculative decoding per (drafter, rule) and the target alone, batch 1:
-   tokens/s, mean acceptance length, the live soundness counter, agreement with the target's greedy output and the
-   target's NLL of the text.
+3. ``decode/<name>/prompt-NNNNN.json``, then ``decode/<name>.json``: real speculative decoding per (drafter, rule)
+   and the target alone, batch 1, side by side (:func:`decode_side_by_side`): tokens/s, mean acceptance length, the
+   live soundness counter, agreement with the target's greedy output and the target's NLL of the text.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -31,10 +31,11 @@ from specert.acceptance import accepts, tokens_accepted
 from specert.certificates import certificates, drafter_certificate
 from specert.decoding import generate
 from specert.divergence import kl
-from specert.drafters import NGramDrafter, check_drafter_spec, drafter_from_spec
+from specert.drafters import Drafter, NGramDrafter, check_drafter_spec, drafter_from_spec
 from specert.models import LoadedModel, batched_greedy, encode_prompt, load_model
 from specert.prompts import SHAREGPT, Prompt, load_prompts
 from specert.rules import STANDARD_RULES, rule
+from specert.schedules import History
 from specert.trace import SpecDecodeMetrics
 
 
@@ -207,28 +208,83 @@ def nll(loaded, prompt_ids, tokens) -> float:
     return float(-logp.mean())
 
 
-def decode_result(loaded, drafter, rule_spec, encoded, greedy, chosen, steps: int, shape: dict | None = None) -> dict:
-    """Real decoding, batch 1, of the ``chosen`` prompts with one (drafter, rule, shape), or the target alone
-    (drafter None): speed, acceptance, the live soundness counter, agreement with ``greedy`` and NLL."""
+@dataclass
+class DecodeJob:
+    """A real decoding run of the side-by-side phase: a drafter (None: the target alone), a rule and a draft shape
+    (``{"k": ...}`` or ``{"tree": ...}``, as :func:`~specert.decoding.generate` takes them)."""
+
+    name: str
+    drafter: Drafter | None = None
+    rule: str = "greedy"
+    shape: dict = field(default_factory=dict)
+
+
+def decode_prompt(loaded: LoadedModel, job: DecodeJob, ids: list[int], ref: list[int], steps: int) -> dict:
+    """One prompt's real decoding, batch 1, by ``job``: its counts (:class:`~specert.trace.SpecDecodeMetrics`), its
+    agreement with ``ref`` (the target's greedy text) and the target's NLL of both texts."""
+    gen = generate(loaded, ids, job.drafter, job.rule, max_new_tokens=steps, trace=job.drafter is not None,
+                   **(job.shape if job.drafter is not None else {}))
     metrics = SpecDecodeMetrics()
-    agree = total = 0
-    nlls, nll_greedy = [], []
-    for i in chosen:
-        shape_kwargs = (shape or {}) if drafter is not None else {}
-        gen = generate(loaded, encoded[i], drafter, rule_spec, max_new_tokens=steps, trace=drafter is not None,
-                       **shape_kwargs)
-        metrics.observe(gen)
-        ref = greedy[i]
-        n = min(len(ref), len(gen.tokens))
-        agree += sum(a == b for a, b in zip(gen.tokens[:n], ref[:n]))
-        total += max(len(ref), len(gen.tokens))
-        nlls.append(nll(loaded, encoded[i], gen.tokens))
-        nll_greedy.append(nll(loaded, encoded[i], ref))
+    metrics.observe(gen)
+    n = min(len(ref), len(gen.tokens))
+    return {"metrics": asdict(metrics), "agree": sum(a == b for a, b in zip(gen.tokens[:n], ref[:n])),
+            "total": max(len(ref), len(gen.tokens)), "nll": nll(loaded, ids, gen.tokens),
+            "nll_greedy": nll(loaded, ids, ref)}
+
+
+def combine(job: DecodeJob, parts: list[dict]) -> dict:
+    """A job's result over its prompts (:func:`decode_prompt`'s): speed, acceptance, the live soundness counter,
+    agreement and mean NLLs."""
+    metrics = SpecDecodeMetrics()
+    for part in parts:
+        metrics.add(part["metrics"])
+    agree, total = sum(p["agree"] for p in parts), sum(p["total"] for p in parts)
     out = metrics.as_dict()
-    out.update(drafter=drafter.spec if drafter else None, rule=rule_spec if drafter else None,
-               agreement=agree / total if total else float("nan"), nll=float(np.nanmean(nlls)),
-               nll_greedy=float(np.nanmean(nll_greedy)), prompts=len(chosen))
+    out.update(drafter=job.drafter.spec if job.drafter else None, rule=job.rule if job.drafter else None,
+               agreement=agree / total if total else float("nan"),
+               nll=float(np.nanmean([p["nll"] for p in parts])),
+               nll_greedy=float(np.nanmean([p["nll_greedy"] for p in parts])), prompts=len(parts))
     return out
+
+
+def decode_side_by_side(loaded: LoadedModel, jobs: list[DecodeJob], encoded: dict[int, list[int]],
+                        greedy: dict[int, list[int]], chosen: list[int], steps: int, parts: Path | None = None,
+                        progress: bool = True) -> dict[str, dict]:
+    """Real decoding of the ``chosen`` prompts by every job, side by side: prompt by prompt, each prompt's jobs in
+    the previous prompt's order rotated by one, so that no job always runs first or after the same one (a shared
+    machine's speed drifts over minutes, and a fixed order hands the drift to the same jobs). Every job first
+    decodes 2 tokens of the first prompt untimed (one-time costs: kernels' first shapes, a drafter's warm-up), and
+    keeps its own drafter history (what a k=auto schedule learns under one rule does not hold under another).
+
+    With ``parts`` each (job, prompt) result is saved as ``parts/<job>/prompt-NNNNN.json`` when made and read back
+    instead of rerun (a resumed run's k=auto schedules start their history again). Returns {job name: its
+    :func:`combine`}."""
+    histories = {job.name: History() for job in jobs}
+    results: dict[str, list[dict]] = {job.name: [] for job in jobs}
+    todo = sum(parts is None or not (parts / job.name / f"prompt-{i:05d}.json").exists()
+               for i in chosen for job in jobs)
+    with tqdm(total=todo, desc="decoding", unit="run", disable=not progress or not todo) as bar:
+        if todo:
+            for job in jobs:  # warm-up, untimed
+                if job.drafter is not None:
+                    job.drafter.history = histories[job.name]
+                generate(loaded, encoded[chosen[0]], job.drafter, job.rule, max_new_tokens=2,
+                         **(job.shape if job.drafter is not None else {}))
+        for j, i in enumerate(chosen):
+            for job in jobs[j % len(jobs):] + jobs[: j % len(jobs)]:
+                path = parts / job.name / f"prompt-{i:05d}.json" if parts is not None else None
+                if path is not None and path.exists():
+                    results[job.name].append(json.loads(path.read_text()))
+                    continue
+                if job.drafter is not None:
+                    job.drafter.history = histories[job.name]
+                part = decode_prompt(loaded, job, encoded[i], greedy[i], steps)
+                if path is not None:
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    _atomic_json(part, path)
+                results[job.name].append(part)
+                bar.update()
+    return {job.name: combine(job, results[job.name]) for job in jobs}
 
 
 def run_eval(cfg: EvalConfig, out: Path, progress: bool = True) -> Path:
@@ -269,18 +325,18 @@ def run_eval(cfg: EvalConfig, out: Path, progress: bool = True) -> Path:
             _atomic_parquet(drafter_part(loaded, spec, drafter, encoded, greedy, batches[b], cfg),
                             ddir / f"part-{b:05d}.parquet")
 
-    # Phase 3: real decoding, batch 1, on the first prompts (in sample order).
+    # Phase 3: real decoding, batch 1, side by side, on the first prompts (in sample order).
     chosen = sorted(encoded)[: cfg.decode_prompts]
     ddir = out / "decode"
     ddir.mkdir(exist_ok=True)
-    jobs = [("target", None, None)] if chosen else []
-    jobs += [(f"{safe_name(d)}__{safe_name(r)}", d, r) for d in cfg.drafters for r in cfg.decode_rules if chosen]
-    todo = [j for j in jobs if not (ddir / f"{j[0]}.json").exists()]
-    for name, d, r in tqdm(todo, desc="decoding", unit="run", disable=not progress or not todo):
-        result = decode_result(loaded, drafters[d] if d else None, r or "greedy", encoded, greedy, chosen, cfg.steps,
-                               {"k": cfg.k})
-        _atomic_json(result, ddir / f"{name}.json")
+    jobs = [DecodeJob("target")] if chosen else []
+    jobs += [DecodeJob(f"{safe_name(d)}__{safe_name(r)}", drafters[d], r, {"k": cfg.k})
+             for d in cfg.drafters for r in cfg.decode_rules if chosen]
+    if any(not (ddir / f"{job.name}.json").exists() for job in jobs):
+        for name, result in decode_side_by_side(loaded, jobs, encoded, greedy, chosen, cfg.steps, ddir,
+                                                progress).items():
+            _atomic_json(result, ddir / f"{name}.json")
 
     info = {"prompts_sampled": len(prompts), "prompts_used": len(encoded), "prompts_dropped": dropped,
             "vocab_size": loaded.vocab_size}
-    return write_report(out, cfg, info, [j[0] for j in jobs])
+    return write_report(out, cfg, info, [job.name for job in jobs])

@@ -40,14 +40,17 @@ that D_q(1) reaches estimates (were KL independent of D_q(1)). Measured on Spec-
 0.4, 0.97 and 0.86 between 0.4 and 0.6, 1.00 and 0.96-0.98 from 0.6 to 0.9, above the level in every bin (session
 14): two classes (certified or not) lumped positions accepted half the time with ones accepted nearly always. The
 schedule measures how often drafted tokens were accepted in each class (alpha_0 .. alpha_3) over about the latest
-``RECENT`` (256) chain positions of the class (older ones decay), so that they follow the text being generated:
-(accepted + 1) / (reached + 2), each uncertified class drawn toward the rate of all uncertified positions instead of
-1/2 while it has few (:meth:`CertifiedSchedule.alpha`). Where a chain stops, the drafter has already computed its
-next token and the target's forward computes its own greedy token there for free (the bonus token): every stop after
-a fully accepted chain is a measured position too, so the rates of the classes it stops at are learnt without
-drafting their tokens to find out (there it counts strict greedy agreement: an underestimate under a relaxed rule).
-Drafting position j survives verification with probability S_j = alpha_1 ... alpha_j (each its position's class's
-rate), so a chain of k expects
+``RECENT`` (256) chain positions of the class (older ones decay): (accepted + 1) / (reached + 2), each uncertified
+class drawn toward the rate of all uncertified positions instead of 1/2 while it has few; and follows the text being
+generated faster than that: within a generation, a class's rate is its positions in this generation with the
+history's rate counting as ``PRIOR`` (16) positions more (:meth:`CertifiedSchedule.alpha`). A summary drafted after
+a translation accepts the n-gram drafter's copied tokens 57-59% of the time, not 88-89%: 256 positions of history
+took several prompts to learn it, and long copied chains failed meanwhile. Where a chain stops, the drafter has
+already computed its next token and the target's forward computes its own greedy token there for free (the bonus
+token): every stop after a fully accepted chain is a measured position too, so the rates of the classes it stops at
+are learnt without drafting their tokens to find out (there it counts strict greedy agreement: an underestimate
+under a relaxed rule). Drafting position j survives verification with probability S_j = alpha_1 ... alpha_j (each
+its position's class's rate), so a chain of k expects
 E_k = 1 + S_1 + ... + S_k tokens for a cost of C_k = F + V(k) + k c target forwards, c being a drafted token's
 marginal cost relative to a target forward of one token and F a step's fixed cost besides the target's forward (the
 drafter catching up with the context, the bookkeeping), both measured from the step timings unless c is given (a
@@ -165,6 +168,7 @@ class Schedule:
 VERIFY_COST = 0.8
 VERIFY_TOKEN_COST = 0.19
 MEASURED = 3  # verifications of n drafted tokens timed before V(n) is theirs instead of the prior
+NEAR = 5  # V(n)'s one-token forward: the median of the latest NEAR before each verification (verify_costs)
 
 # Each class's acceptance rate weighs its chain position j positions ago (of that class) by (1 - 1 / RECENT)^j: about
 # its latest RECENT positions count, so the rates follow the text being generated (a translation is drafted worse
@@ -182,6 +186,10 @@ SPREAD = 8  # sum of (n - mean n)^2 over the timed steps before a line's slope i
 # little from one step to the next, and computing them took 0.2-0.3 ms a step, 0.6-0.8% of a draft head's step.
 REPRICE = 8
 PRICED = 64
+# Within a generation a class's rate is (accepted here + PRIOR alpha) / (reached here + PRIOR), alpha the history's:
+# the history weighs as PRIOR positions of this generation (CertifiedSchedule.alpha). Session 17, ngram:3 on
+# Spec-Bench side by side (78 prompts): k=auto 1.129x plain greedy against 1.108x with the history's rates alone.
+PRIOR = 16
 
 
 def _line(x, y, w) -> tuple[float, float]:
@@ -279,6 +287,7 @@ class CertifiedSchedule(Schedule):
         self._costs, self._rate = (0.0, 0.0), 1.0  # (F, c) and lambda for this step
         self._verify: list[float] | None = None  # V(0 .. max_depth) for this step
         self._lambda, self._priced = 1.0, 0  # the latest lambda computed, and the steps since the first pricing
+        self._here = [[0, 0] for _ in range(CERTIFIED + 1)]  # this generation's chain positions: reached, accepted
 
     @property
     def eps_hat(self) -> float:
@@ -327,22 +336,35 @@ class CertifiedSchedule(Schedule):
         return a / one, b / one
 
     def verify_costs(self) -> list[float]:
-        """V(0), V(1), ... V(max_depth): the target's forward, in one-token forwards, when it verifies that many
-        drafted tokens. V(0) = 1; V(n) is the median seconds of the latest verifications of n drafted tokens over a
-        one-token forward's once ``MEASURED`` of them were timed; the prior ``VERIFY_COST + n VERIFY_TOKEN_COST``
-        before any length was. A length not measured yet is priced by the measured ones: on the straight line
-        between the two around it, and past the longest at the longest one's V, the least a longer verification can
-        cost. Optimistic on purpose: a chain drafts to a length it prices cheaply and so measures it, but never to
-        one it overprices (a line through short lengths, whose per-token cost on a CPU is twice the long ones',
-        kept k=auto's chains short for a whole run, or not, depending on its first steps)."""
+        """V(0), V(1), ... V(max_depth): the target's forward, in one-token forwards, when it verifies that many drafted
+        tokens. V(0) = 1; V(n) is the median over the latest verifications of n drafted tokens, once
+        ``MEASURED`` of them were timed, of each one's seconds over the one-token forward's at the time: the
+        median of the latest ``NEAR`` verifications of at most one drafted token before it (each over its prior
+        cost), or :meth:`forward_seconds` before any; the prior ``VERIFY_COST + n VERIFY_TOKEN_COST`` before any
+        length was measured. Each against the forwards of its own time, not one median over the history: a
+        forward's seconds grow with the context (31 ms at 60 tokens, 36 ms at 750), and a length drafted rarely,
+        its few timings from one prompt, read cheaper than it is against forwards of longer prompts (the draft
+        head's V(2) read 0.91 of a one-token forward against a V(1) of 0.99, where both at the same context
+        measure 1.12-1.14 and 1.04-1.05, and its chain drafted a second token at half its steps). A length not
+        measured yet is priced by the measured ones: on the straight line between the two around it, and past
+        the longest at the longest one's V, the least a longer verification can cost. Optimistic on purpose: a
+        chain drafts to a length it prices cheaply and so measures it, but never to one it overprices (a line
+        through short lengths, whose per-token cost on a CPU is twice the long ones', kept k=auto's chains short
+        for a whole run, or not, depending on its first steps)."""
         table, one = [verify_cost(n) for n in range(self.max_depth + 1)], self.forward_seconds()
         if not one:
             return table
-        groups = _medians((n, s) for n, _, s in self.history.steps if 0 < n < len(table))
+        ratios, near = [], deque(maxlen=NEAR)  # each verification over the one-token forwards just before it
+        for n, _, seconds in self.history.steps:
+            if n <= 1:
+                near.append(seconds / verify_cost(n))
+            if 0 < n < len(table):
+                ratios.append((n, seconds / (statistics.median(near) if near else one)))
+        groups = _medians(ratios)
         measured = sorted(n for n, (_, count) in groups.items() if count >= MEASURED)
         if not measured:
             return table
-        costs = [1.0] + [groups[n][0] / one for n in measured]  # V(0) = 1: a plain forward
+        costs = [1.0] + [groups[n][0] for n in measured]  # V(0) = 1: a plain forward
         return [1.0] + np.interp(range(1, len(table)), [0] + measured, costs).tolist()
 
     def forward_seconds(self) -> float | None:
@@ -357,15 +379,19 @@ class CertifiedSchedule(Schedule):
         self.history.steps.append((drafted, draft_seconds, verify_seconds))
 
     def alpha(self, level: int) -> float:
-        """The measured acceptance rate of chain positions of a class: (accepted + 1) / (reached + 2) for the
-        certified ones; (accepted + 2 a) / (reached + 2) below, a the rate of all uncertified positions measured
-        the same way, toward which a class seen little is drawn (uncertified positions are rare with a close
-        drafter: split three ways, each class would start from 1/2 for its first dozens of positions)."""
+        """The measured acceptance rate of chain positions of a class. From the history (decayed counts):
+        a = (accepted + 1) / (reached + 2) for the certified ones; (accepted + 2 u) / (reached + 2) below, u the rate
+        of all uncertified positions measured the same way, toward which a class seen little is drawn (uncertified
+        positions are rare with a close drafter: split three ways, each class would start from 1/2 for its first
+        dozens of positions). Within a generation, (accepted here + ``PRIOR`` a) / (reached here + ``PRIOR``)."""
         h = self.history
         if level == CERTIFIED:
-            return (h.accepted[level] + 1) / (h.reached[level] + 2)
-        pooled = (sum(h.accepted[:CERTIFIED]) + 1) / (sum(h.reached[:CERTIFIED]) + 2)
-        return (h.accepted[level] + 2 * pooled) / (h.reached[level] + 2)
+            a = (h.accepted[level] + 1) / (h.reached[level] + 2)
+        else:
+            pooled = (sum(h.accepted[:CERTIFIED]) + 1) / (sum(h.reached[:CERTIFIED]) + 2)
+            a = (h.accepted[level] + 2 * pooled) / (h.reached[level] + 2)
+        reached, accepted = self._here[level]
+        return (accepted + PRIOR * a) / (reached + PRIOR)
 
     def shares(self) -> list[float]:
         """P(l): each class's share of the latest chain positions (``History.shares``, one position of each
@@ -518,6 +544,8 @@ class CertifiedSchedule(Schedule):
                 h.accepted[level] *= 1 - 1 / RECENT
                 h.reached[level] += 1
                 h.accepted[level] += accepted
+                self._here[level][0] += 1
+                self._here[level][1] += accepted
                 counts[f"{name}_reached"] += 1
                 counts[f"{name}_accepted"] += accepted
         positions = [p for p in [-1] + path if tree.children(p) and tree.expanded[p + 1]]

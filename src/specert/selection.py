@@ -2,11 +2,12 @@
 fastest configuration that meets a quality constraint.
 
 For each drafter: its KL(p || q) distribution along the target's greedy text, the certified fraction and the
-acceptance per rule (teacher-forced, as in `specert eval`). For each (drafter, rule, shape): real decoding, batch
-1: tokens/s relative to the target alone measured in the same run, mean acceptance length, agreement with the
-target's greedy output and the target's NLL of the text. The recommendation is the fastest configuration whose
-agreement is at least ``min_agreement`` and whose NLL exceeds the greedy text's by at most ``max_nll_increase``;
-it is printed as the ``specert generate`` options that reproduce it.
+acceptance per rule (teacher-forced, as in `specert eval`). For each (drafter, rule, shape): real decoding, batch 1:
+tokens/s relative to the target alone measured side by side in the same run
+(:func:`~specert.evaluation.decode_side_by_side`), mean acceptance length, agreement with the target's greedy output
+and the target's NLL of the text. The recommendation is the fastest configuration whose agreement is at least
+``min_agreement`` and whose NLL exceeds the greedy text's by at most ``max_nll_increase``; it is printed as the
+``specert generate`` options that reproduce it.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import numpy as np
 
 from specert.decoding import generate
 from specert.drafters import check_drafter_spec, drafter_from_spec
-from specert.evaluation import EvalConfig, decode_result, drafter_part, prompt_batches
+from specert.evaluation import DecodeJob, EvalConfig, decode_side_by_side, drafter_part, prompt_batches
 from specert.models import load_model
 from specert.prompts import SHAREGPT, load_prompts
 from specert.report import Table
@@ -66,8 +67,6 @@ class SelectConfig:
 
 def run_select(cfg: SelectConfig, out: Path, progress: bool = True) -> dict:
     """Measure every candidate and write ``out/selection.{json,md}`` and ``out/selection.png``; return the JSON."""
-    from tqdm.auto import tqdm
-
     shapes = cfg.validate()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -78,13 +77,11 @@ def run_select(cfg: SelectConfig, out: Path, progress: bool = True) -> dict:
     if not encoded:
         raise ValueError("no prompt fits the length limit")
     chosen = sorted(encoded)
-    generate(loaded, encoded[chosen[0]], max_new_tokens=2)  # warm up before timing anything
-    alone = {i: generate(loaded, encoded[i], max_new_tokens=cfg.steps) for i in chosen}  # the reference texts
-    greedy = {i: g.tokens for i, g in alone.items()}
-    base_tps = sum(len(g.tokens) for g in alone.values()) / sum(g.seconds for g in alone.values())
+    greedy = {i: generate(loaded, encoded[i], max_new_tokens=cfg.steps).tokens for i in chosen}  # the references
     drafter_stats, rows = {}, []
-    jobs = [(d, r, s) for d in cfg.drafters for r in cfg.rules for s in shapes]
     drafters = {d: drafter_from_spec(d, loaded) for d in cfg.drafters}
+    candidates = [(d, r, s) for d in cfg.drafters for r in cfg.rules for s in shapes]
+    jobs = [DecodeJob("target")] + [DecodeJob(f"{d} {r} {s}", drafters[d], r, s) for d, r, s in candidates]
     for d, drafter in drafters.items():
         table = drafter_part(loaded, d, drafter, encoded, greedy, chosen, ecfg)
         kl = np.asarray(table.column("kl").to_pylist(), dtype=float)
@@ -94,8 +91,10 @@ def run_select(cfg: SelectConfig, out: Path, progress: bool = True) -> dict:
             **{f"certified:{r}": float(np.mean(table.column(f"certified:{r}").to_pylist())) for r in cfg.rules},
             **{f"accepted:{r}": float(np.mean(table.column(f"accepted:{r}").to_pylist())) for r in cfg.rules},
         }
-    for d, r, s in tqdm(jobs, desc="decoding", unit="run", disable=not progress):
-        res = decode_result(loaded, drafters[d], r, encoded, greedy, chosen, cfg.steps, s)
+    results = decode_side_by_side(loaded, jobs, encoded, greedy, chosen, cfg.steps, progress=progress)
+    base_tps = results["target"]["tokens_per_second"]
+    for (d, r, s), job in zip(candidates, jobs[1:]):
+        res = results[job.name]
         kind, value = next(iter(s.items()))
         speedup = res["tokens_per_second"] / base_tps
         ok = res["agreement"] >= cfg.min_agreement and res["nll"] <= res["nll_greedy"] + cfg.max_nll_increase

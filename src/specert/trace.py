@@ -145,6 +145,18 @@ class SpecDecodeMetrics:
         """Tokens the target verified per drafted token it accepted (lower is cheaper verification)."""
         return self.num_target_tokens / self.num_accepted_tokens if self.num_accepted_tokens else float("inf")
 
+    def add(self, counts: dict) -> None:
+        """Add another summary's counts (its ``dataclasses.asdict``): how summaries saved apart, one per prompt, are
+        combined."""
+        for name, value in counts.items():
+            mine = getattr(self, name)
+            if isinstance(mine, list):
+                mine.extend([0] * (len(value) - len(mine)))
+                for i, v in enumerate(value):
+                    mine[i] += v
+            else:
+                setattr(self, name, mine + value)
+
     def as_dict(self) -> dict:
         d = asdict(self)
         d.update(mean_acceptance_length=self.mean_acceptance_length, draft_acceptance_rate=self.draft_acceptance_rate,

@@ -61,11 +61,17 @@ def test_drafter_certificate_equals_brute_force():
         assert exact == pytest.approx(reference.brute_drafter_certificate(q, m), abs=1e-6), (x, m)
 
 
-def test_drafter_certificate_closed_form_for_one_candidate_matches_the_group_construction():
+def test_drafter_certificate_closed_form_for_one_candidate_matches_the_group_construction(monkeypatch):
     """D_q(1)'s closed form (two top logits, one pass) against the general group construction at m = 1: small and
     full-size vocabularies, float32 and float64, ties at the top and at the second place, a concentrated drafter
-    (the far branch), masked tokens, and one token of non-zero mass."""
+    (the far branch), masked tokens, and one token of non-zero mass; eager (numpy) and as a compiled graph computes
+    it (torch ops)."""
     from specert.certificates import _drafter_certificate_group, top1_certificates
+
+    def in_a_graph(logits):
+        with monkeypatch.context() as m:
+            m.setattr(torch.compiler, "is_compiling", lambda: True)
+            return float(top1_certificates(logits)[0])
 
     rng = np.random.default_rng(3)
     rows = [random_logits(rng, int(rng.integers(2, 9))) for _ in range(CASES)]
@@ -86,10 +92,12 @@ def test_drafter_certificate_closed_form_for_one_candidate_matches_the_group_con
             logits = torch.tensor(x, dtype=dtype)[None]
             closed = float(top1_certificates(logits)[0])
             group = float(_drafter_certificate_group(logits, 1)[0])
+            graph = in_a_graph(logits)
             if math.isinf(group):
-                assert math.isinf(closed), x
+                assert math.isinf(closed) and math.isinf(graph), x
             else:
                 assert closed == pytest.approx(group, rel=2e-5, abs=1e-12), (x, dtype)
+                assert graph == pytest.approx(group, rel=2e-5, abs=1e-12), (x, dtype)
             assert closed == float(specert.drafter_certificate(logits[0], 1))  # the public path is the closed form
 
 

@@ -241,10 +241,13 @@ def test_certified_chain_drafts_while_its_tokens_beat_the_drafters_rate(verify_c
     s.history.yields.extend([(0, 1)] * 4)  # drafting nothing costs F on top of a plain forward: plain is better
     assert s.rate(0.5, 0.3) == 1.0
     s._costs = (0.0, 0.3)
-    # the step's first token carries the drafter's forward (0.3) and the verification's fixed cost (0.41)
-    s._rate = 1.5  # a token surviving with 0.7 is worth 0.7 < 1.5 * 0.71; followed by ones at 1/2, never
+    # the step's first token carries the verification's fixed cost (0.41); the drafter's forward that scored it is
+    # spent, unless drafting nothing sends the drafter into the back-off (lambda <= 1), which saves it later
+    s._rate = 1.8  # a token surviving with 0.7 is worth 0.7 < 1.8 * 0.41; followed by ones at 1/2, never
     assert not s.pays(0, 0.7)
-    s._rate = 1.0  # worth 0.7 < 0.71 alone, but with the one after it 1.05 > 0.42 + 2 * 0.3
+    s._rate = 1.5  # 0.7 > 1.5 * 0.41: the drafter's forward is not charged, it ran whatever this step does
+    assert s.net(0, 0.7) == pytest.approx(0.7 - 1.5 * (VERIFY_COST + VERIFY_TOKEN_COST - 1))
+    s._rate = 1.0  # with the back-off: worth 0.7 < 0.71 alone, but with the one after it 1.05 > 0.42 + 2 * 0.3
     assert s.pays(0, 0.7) and s.net(0, 0.7) == pytest.approx(1.05 - (VERIFY_COST + 2 * VERIFY_TOKEN_COST - 1 + 0.6))
     # later in the chain a position's logits are computed already: its token costs its verification, and every
     # token after it a drafter forward more
@@ -253,10 +256,10 @@ def test_certified_chain_drafts_while_its_tokens_beat_the_drafters_rate(verify_c
     s._rate = 2.0
     s.history.reached, s.history.accepted = [0.0, 0, 0, 100.0], [0.0, 0, 0, 98.0]
     s.history.shares = [0.0, 0, 0, 100.0]  # positions after it: mean rate 0.96
-    # the first draft carries the verification (0.4 of a forward): 0.95 < 2 * 0.7, but ten of them pay
-    assert 0.95 < s._rate * (VERIFY_COST - 1 + 0.3) and s.pays(0, 0.95)
+    # the first draft carries the verification (0.41 of a forward): 0.8 < 2 * 0.41, but with those after it it pays
+    assert 0.8 < s._rate * (VERIFY_COST + VERIFY_TOKEN_COST - 1) and s.pays(0, 0.8)
     s.history.reached, s.history.accepted = [0.0, 0, 0, 100.0], [0.0, 0, 0, 50.0]
-    assert not s.pays(0, 0.95)
+    assert not s.pays(0, 0.8)
     s.history.yields.clear()
     s.history.yields.extend([(12, 13)] * 4)
     s.eps, sure = [0.01] * 3, torch.tensor([[6.0, 0, 0, 0, 0, 0, 0, 0]])
@@ -493,6 +496,45 @@ def test_a_chain_does_not_score_a_last_token_whose_successor_cannot_pay(target):
     drafter._run = lambda tokens, _run=drafter._run: runs.append(len(tokens)) or _run(tokens)
     tree = drafter.propose(PROMPT, Stop([1, 1, 1]))
     assert len(tree.tokens) == 1 and len(runs) == 1  # the context's forward only: the drafted token not scored
+
+
+def test_a_settled_chain_measures_one_step_in_sample(dear_verification, monkeypatch):
+    """A chain that is one token whatever its class (every class pays at the first position, none would score a
+    second: the draft head's on this machine) asks neither the drafter's certificate nor the KL after it, except at
+    one step in SAMPLE: the rates, eps_hat and the audit learn from that sample, and every step drafts one token.
+    With a class that does not pay, the chain is not settled and measures every step."""
+    from specert.drafters import DraftTree
+    from specert.schedules import PRICED, SAMPLE, CertifiedSchedule
+
+    certificates = []
+    monkeypatch.setattr(schedules, "top1_certificates",
+                        lambda q, _f=schedules.top1_certificates: certificates.append(1) or _f(q))
+    gen = torch.Generator().manual_seed(0)
+    s = CertifiedSchedule(max_depth=8, cost=0.1)
+    s.history.kls.extend([0.5] * 100)
+    s.eps = s._estimate()
+    s.history.reached, s.history.accepted = [100.0] * 4, [60.0] * 4  # every class right 6 times in 10
+    s.history.steps.extend([(1, 0.0, 1.35), (2, 0.0, 1.7)] * PRICED)  # V(1) = 1.35, V(2) = 1.7 (dear_verification's)
+    s.history.yields.extend([(1, 2)] * 64)  # lambda = 2 / (1.35 + 0.1): the first token pays at 0.6, a second not
+    measured = []
+    for step in range(3 * SAMPLE):
+        asked = s.certifies
+        q = torch.randn(1, 16, generator=gen)
+        assert s.widths(0, q, 1, 100) == [1] and not s.may_extend(1)
+        kls, reached = len(s.history.kls), sum(s.history.shares)
+        s.observe(DraftTree([int(q.argmax())], [-1], torch.cat([q, q]), [True, False]),
+                  torch.randn(2, 16, generator=gen), [0])
+        measured.append((asked, len(s.history.kls) > kls, sum(s.history.shares) > reached))
+        assert step == 0 or s._settled
+    assert measured == [(step % SAMPLE == 0,) * 3 for step in range(3 * SAMPLE)]
+    assert len(certificates) == 3  # the measured steps' only
+    s.history.reached[0], s.history.accepted[0] = 100.0, 10.0  # class 0 right 1 time in 10: it stops there
+    s._priced = 0  # (repriced at the next step)
+    for _ in range(SAMPLE):
+        assert s.certifies
+        s.widths(0, torch.randn(1, 16, generator=gen), 1, 100)
+        assert not s._settled and s._measured
+        s.observe(DraftTree([], [], torch.randn(1, 16, generator=gen), [True]), torch.randn(1, 16, generator=gen), [])
 
 
 def test_a_chain_scores_the_next_position_only_if_the_classes_found_there_pay_on_average():

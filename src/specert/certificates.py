@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from specert.rules import Rule, Tree
@@ -267,8 +268,7 @@ def _drafter_certificate_group(logits: torch.Tensor, m: int) -> torch.Tensor:
 
 def top1_certificates(logits: torch.Tensor, candidates: int | None = None) -> torch.Tensor:
     r"""D_q(1) of float32/64 torch logits ``[n, V]``, unchecked: :func:`drafter_certificate` at m = 1 without its
-    input validation, for a decoder asking it of the logits of its own drafter at every drafted position (torch
-    ops only, so a compiled drafter step computes it with its logits: :mod:`specert.static_cache`).
+    input validation, for a decoder asking it of the logits of its own drafter at every drafted position.
 
     With q_1 >= q_2 the drafter's two most probable tokens, G = {1, 2} and GM = sqrt(q_1 q_2), so (THEORY.md
     section 7, m = 1)
@@ -287,16 +287,39 @@ def top1_certificates(logits: torch.Tensor, candidates: int | None = None) -> to
     ``candidates``: only the first that many logits may be q's two most probable tokens, the others count in R
     only (a caller that knows the others are below them: :meth:`~specert.head.DraftHead.certificate`).
 
-    NOTE: the two top tokens are found with :func:`~specert.tensors.argmax`, not ``topk`` (10-30x slower on one row
-    of 49k logits on a CPU): a chain's certificate costs about a third of the general path's.
+    NOTE: eager, the two top logits and R are found in numpy (R summed in float64): a handful of vectorised passes
+    where torch's CPU kernels cost 5-20 microseconds of dispatch each, and the caches are cold after a model's
+    forward (one row of 8,193 logits: 0.05 ms against 0.22 ms; 49,152: see ``benchmarks/speed.py``). Inside a
+    graph being compiled (a compiled drafter step computes it with its logits: :mod:`specert.static_cache`) they
+    are torch ops, which inductor fuses.
     """
-    first = argmax(logits[:, :candidates])[:, None]
-    top1 = logits.gather(-1, first)
-    rest = logits.scatter(-1, first, -math.inf)
-    second = argmax(rest[:, :candidates])[:, None]
-    d = (top1 - rest.gather(-1, second)).squeeze(-1).double()  # inf when q has one token of mass: D = inf
-    outside = torch.exp(rest.scatter(-1, second, -math.inf) - top1).sum(-1).double()  # R
-    total = 1 + torch.exp(-d) + outside  # S
-    gap = torch.expm1(-d / 2) ** 2 / total
-    far = torch.log(total) - torch.log(2 * torch.exp(-d / 2) + outside)  # log(0) = -inf: one token of mass
-    return round_down(torch.where(gap > 0.5, far, -torch.log1p(-gap)), logits.dtype)
+    if torch.compiler.is_compiling() or logits.dtype not in CERTIFICATE_RTOL or logits.device.type != "cpu":
+        first = argmax(logits[:, :candidates])[:, None]
+        top1 = logits.gather(-1, first)
+        rest = logits.scatter(-1, first, -math.inf)
+        second = argmax(rest[:, :candidates])[:, None]
+        d = (top1 - rest.gather(-1, second)).squeeze(-1).double()  # inf when q has one token of mass: D = inf
+        outside = torch.exp(rest.scatter(-1, second, -math.inf) - top1).sum(-1).double()  # R
+        return round_down(_top1_closed_form(d, outside, torch), logits.dtype)
+    x = logits.detach().numpy()
+    rows = np.arange(len(x))
+    first = x[:, :candidates].argmax(-1)
+    top1 = x[rows, first]
+    rest = x.copy()
+    rest[rows, first] = -np.inf
+    second = rest[:, :candidates].argmax(-1)
+    d = top1.astype(np.float64) - rest[rows, second]  # inf when q has one token of mass: D = inf
+    rest[rows, second] = -np.inf
+    outside = np.exp(rest - top1[:, None]).sum(-1, dtype=np.float64)  # R
+    with np.errstate(divide="ignore", invalid="ignore"):  # log(0) = -inf: one token of mass
+        value = _top1_closed_form(d, outside, np)
+    return round_down(torch.from_numpy(value), logits.dtype)
+
+
+def _top1_closed_form(d, outside, xp):
+    """D_q(1) from the gap d of the two top logits and R (:func:`top1_certificates`), float64, in the array library
+    ``xp`` (torch or numpy)."""
+    total = 1 + xp.exp(-d) + outside  # S
+    gap = xp.expm1(-d / 2) ** 2 / total
+    far = xp.log(total) - xp.log(2 * xp.exp(-d / 2) + outside)  # log(0) = -inf: one token of mass
+    return xp.where(gap > 0.5, far, -xp.log1p(-gap))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from specert.tensors import as_logits, broadcast, map_blocks
@@ -55,11 +57,13 @@ def kl_near(target_logits: torch.Tensor, draft_logits: torch.Tensor, threshold: 
     ``threshold`` a row falls on is float64's. Returns float64 ``[N]``.
     """
     logp, logq = torch.log_softmax(target_logits.float(), -1), torch.log_softmax(draft_logits.float(), -1)
-    fast = torch.nn.functional.kl_div(logq, logp, log_target=True, reduction="none").sum(-1).double()
-    redo = ~torch.isfinite(fast) | ((fast - threshold).abs() <= 1e-4 + 1e-3 * abs(threshold))
-    if redo.any():
-        fast[redo] = kl(target_logits[redo], draft_logits[redo])
-    return fast
+    fast = torch.nn.functional.kl_div(logq, logp, log_target=True, reduction="none").sum(-1).tolist()
+    # which rows to redo, in Python: a handful of numbers, where each torch op would cost more in dispatch
+    redo = [i for i, x in enumerate(fast) if not math.isfinite(x) or abs(x - threshold) <= 1e-4 + 1e-3 * abs(threshold)]
+    if redo:
+        for i, x in zip(redo, kl(target_logits[redo], draft_logits[redo]).tolist()):
+            fast[i] = x
+    return torch.tensor(fast, dtype=torch.float64)
 
 
 def stochastic_acceptance(target_logits, draft_logits):

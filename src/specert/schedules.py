@@ -71,11 +71,13 @@ than they cost at the drafter's rate:
 
 the forward that scored position k + 1 being spent already, and h tokens needing h - 1 more forwards to score the
 positions between them; whether to score the position after the last one (one more forward) is decided before
-that forward, by the classes it may find there (:meth:`CertifiedSchedule.may_extend`). The first position (k = 0)
-is charged c more: its logits are the drafter's catching up with the context, spent too, but a step that drafts
-nothing sends the drafter into the back-off below, which saves that forward at the next steps, so the first token
-must pay for it. Charging every drafted token a forward, as before session 15, ran the draft head's second forward
-at nearly every step for a position it drafted at 8 steps in 460.
+that forward, by the classes it may find there (:meth:`CertifiedSchedule.may_extend`). The first position's logits
+(k = 0) are the drafter's catching up with the context, spent too; but where drafting pays no more than plain
+decoding (lambda <= 1) a step that drafts nothing sends the drafter into the back-off below, which saves that
+forward at the next steps, and there the first token is charged c more, to pay for it. (Before session 18 it was
+charged always: when drafting pays, a step that drafts nothing runs the drafter again at the next step.)
+Charging every drafted token a forward, as before session 15, ran the draft head's second forward at nearly every
+step for a position it drafted at 8 steps in 460.
 
 lambda being the tokens per target forward of the latest chain steps (their costs modelled as above; at least 1,
 plain decoding's rate). This is the condition for maximising the long-run rate (total tokens / total cost, a
@@ -94,10 +96,17 @@ the token less one (:class:`~specert.drafters.NGramDrafter`: on Spec-Bench a tok
 target's 19% of the time, of 3 tokens 72-76%), and its chain stops by the same rule on those classes' measured
 rates, its stops judged like any other. One that names none has every position in class 0.
 
-The guarantee audit counts, at verified certified positions (every position of a certified tree, the certified
-ones of a chain): ``held`` (KL <= the eps_hat the width was chosen with), ``held_covered`` (of those, the target's
-greedy token was among the candidates: must equal ``held``) and ``exceeded`` (KL > eps_hat: the estimate was
-wrong there); and a chain's positions reached and accepted by class.
+A chain can be *settled*: one token whatever its class, every class paying at the first position and none
+scoring a second (:meth:`CertifiedSchedule.settled`). The draft head is, on 2 CPU cores: its positions' acceptance
+(0.2-0.3) pays for a verification that costs about a plain forward, and never for a second token's. Then the class
+decides nothing, only what the schedule learns, and the chain measures one step in ``SAMPLE`` (4): the drafter's
+certificate, the position's class and the KL after it (0.5-0.6 ms of a 45 ms step, 1.2-1.3%, which left k=auto 2-3%
+behind a chain of one with the same decisions); the other steps draft one token unmeasured.
+
+The guarantee audit counts, at verified certified positions that were measured (every position of a certified
+tree, the certified ones of a chain): ``held`` (KL <= the eps_hat the width was chosen with), ``held_covered`` (of
+those, the target's greedy token was among the candidates: must equal ``held``) and ``exceeded`` (KL > eps_hat:
+the estimate was wrong there); and a chain's positions reached and accepted by class.
 """
 
 from __future__ import annotations
@@ -191,6 +200,9 @@ PRICED = 64
 # Spec-Bench side by side: k=auto 1.129x plain greedy against 1.108x with the history's rates alone (78 prompts),
 # 1.221x against 1.183x (16 prompts of extraction, translation, summarization, rag); 1.149x against 1.158x (26).
 PRIOR = 16
+# A settled chain (one token whatever its class: CertifiedSchedule.settled) measures one step in SAMPLE: the draft
+# head's certificate and the KL after it took 0.5-0.6 ms of a 45 ms step, the same decisions as a chain of one.
+SAMPLE = 4
 
 
 def _line(x, y, w) -> tuple[float, float]:
@@ -266,8 +278,6 @@ class History:
 class CertifiedSchedule(Schedule):
     """Widths from the drafter-side certificate against an online estimate of the drafter's KL (module docstring)."""
 
-    certifies = True
-
     def __init__(self, max_depth: int = 16, max_width: int = 1, budget: int | None = None, quantile: float = 0.9,
                  cost: float | None = None, history: History | None = None):
         if not 0 < quantile <= 1:
@@ -289,6 +299,15 @@ class CertifiedSchedule(Schedule):
         self._verify: list[float] | None = None  # V(0 .. max_depth) for this step
         self._lambda, self._priced = 1.0, 0  # the latest lambda computed, and the steps since the first pricing
         self._here = [[0, 0] for _ in range(CERTIFIED + 1)]  # this generation's chain positions: reached, accepted
+        self._settled = False  # whether the chain is one token whatever its class (settled), as last priced
+        self._measured = True  # whether this step's chain is measured (its classes, the KLs after it)
+        self._count = 0  # the steps observed: a settled chain measures one in SAMPLE
+
+    @property
+    def certifies(self) -> bool:
+        """Whether the drafter should compute its certificate at this step: not at a settled chain's unmeasured
+        steps (:meth:`settled`)."""
+        return not self._settled or self._count % SAMPLE == 0
 
     @property
     def eps_hat(self) -> float:
@@ -423,11 +442,14 @@ class CertifiedSchedule(Schedule):
         ``ahead``: :meth:`alpha_mean`, when the caller has it."""
         c, v = self._costs[1], self._verify or self.verify_costs()
         ahead = self.alpha_mean() if ahead is None else ahead
+        # the forward that scored this position is spent, unless it is the first one and drafting nothing would
+        # send the drafter into the back-off (lambda <= 1: observe), which saves it at the next steps
+        spent = depth > 0 or self._rate > 1
         best, gain, term = -math.inf, 0.0, survive
         for h in range(1, min(max(1, self.depths - depth), len(v) - 1 - depth) + 1):
             gain, term = gain + term, term * ahead
             # verifying k + h drafted tokens instead of k (from 0: a plain forward becomes a verification)
-            best = max(best, gain - self._rate * (v[depth + h] - v[depth] + (h - (depth > 0)) * c))
+            best = max(best, gain - self._rate * (v[depth + h] - v[depth] + (h - spent) * c))
         return best
 
     def pays(self, depth: int, survive: float) -> bool:
@@ -438,17 +460,25 @@ class CertifiedSchedule(Schedule):
                      guess: tuple[int, int] | None) -> int:
         if depth == 0:
             self._drafted, self._stop, self._survive = [], None, 1.0
-            if self._priced % REPRICE == 0 or len(self.history.steps) < PRICED:
+            priced = self._priced % REPRICE == 0 or len(self.history.steps) < PRICED
+            if priced:
                 self._costs, self._verify = self.costs(), self.verify_costs()
                 self._lambda = self.rate(*self._costs)
             self._priced += 1
             # near the end of the generation there is no long run to earn lambda in: what the chain does not
             # draft, plain decoding (rate 1) must produce
-            self._rate = self._lambda if self.room >= self.max_depth else 1.0
+            rate = self._lambda if self.room >= self.max_depth else 1.0
+            if priced or rate != self._rate:
+                self._rate = rate
+                self._settled = self.settled()
             # A drafter that names neither a distribution nor its token leaves nothing for the target to judge
             # where the chain stops, so a low acceptance estimate would stop it for good: the first step after a
             # skip drafts one token anyway.
             self._probed = q is None and guess is None and self._probe
+            self._measured = q is None or certificate is not None or not self._settled or self._count % SAMPLE == 0
+            if not self._measured:  # one token whatever its class: not worth a certificate, nor the KL after it
+                self._drafted.append(None)
+                return 1
         if certificate is None and q is not None and self.eps_hat > 0:
             certificate = float(top1_certificates(q[None]))
         if guess is not None:
@@ -478,10 +508,25 @@ class CertifiedSchedule(Schedule):
         every step for a second position it drafted at 8 steps in 460: 5-11% slower than a chain of one."""
         if self.max_width > 1 or not self._measuring(True):
             return True
+        return self._measured and self._scores(depth, self._survive)
+
+    def _scores(self, depth: int, survive: float) -> bool:
+        """:meth:`may_extend`'s rule for a chain whose latest token survives with probability ``survive``."""
         ahead = self.alpha_mean()
-        value = sum(p * max(self.net(depth, self._survive * self.alpha(level), ahead), 0.0)
+        value = sum(p * max(self.net(depth, survive * self.alpha(level), ahead), 0.0)
                     for level, p in enumerate(self.shares()))
         return value > self._rate * self._costs[1]
+
+    def settled(self) -> bool:
+        """Whether the chain is one token whatever its first position's class: every class pays there and none
+        would score a second position (:meth:`may_extend`). Then the class changes nothing this step decides, only
+        what the schedule learns, and the chain measures one step in ``SAMPLE``: the drafter's certificate, the
+        position's class and the KL after it (the rates, eps_hat and the audit learn from that sample). Checked at
+        each pricing."""
+        if self.max_width > 1 or self.eps_hat == 0 or self.depths < 2:
+            return False
+        classes = range(CERTIFIED + 1)
+        return all(self.pays(0, self.alpha(level)) and not self._scores(1, self.alpha(level)) for level in classes)
 
     def _measuring(self, distribution: bool) -> bool:
         """Whether the chain's classes are measured: once eps_hat is (a drafter with a distribution; before, every
@@ -524,6 +569,8 @@ class CertifiedSchedule(Schedule):
         # position did not.
         drafted_any = bool(tree.tokens) and not (self._probed and not path)
         self._probe = self._probed = False
+        measured, self._measured = self._measured, True
+        self._count += 1
         self._backoff = 0 if drafted_any or self._rate > 1 else min(max(1, 2 * self._backoff), 32)
         self._skip = self._backoff
         h, counts = self.history, self.counts
@@ -533,7 +580,8 @@ class CertifiedSchedule(Schedule):
         stop, self._stop = self._stop, None
         # the chain's acceptance by class (before eps_hat moves)
         if self.max_width == 1 and self._measuring(tree.logits is not None):
-            seen = [(level, j < len(path)) for j, level in enumerate(drafted[: len(tree.tokens)]) if j <= len(path)]
+            seen = [(level, j < len(path)) for j, level in enumerate(drafted[: len(tree.tokens)])
+                    if j <= len(path) and level is not None]
             if stop is not None and len(path) == len(drafted):  # the target's bonus token judges the stop
                 level, token = stop
                 seen.append((level, int(argmax(target_logits[len(path)])) == token))
@@ -550,7 +598,7 @@ class CertifiedSchedule(Schedule):
                 counts[f"{name}_reached"] += 1
                 counts[f"{name}_accepted"] += accepted
         positions = [p for p in [-1] + path if tree.children(p) and tree.expanded[p + 1]]
-        if not positions or tree.logits is None:
+        if not positions or tree.logits is None or not measured:
             return
         rows = [p + 1 for p in positions]
         # a chain's rows are consecutive: a view, not a copy of them

@@ -268,6 +268,9 @@ def test_certified_chain_drafts_while_its_tokens_beat_the_drafters_rate(verify_c
     s.room = 3  # the generation's last tokens: no long run to earn lambda in, plain decoding is the alternative
     s.widths(0, sure, 1, 100)
     assert s._rate == 1.0
+    s.history.yields.extend([(2, 3)] * 64)  # ... but with chains of 2 tokens, 3 tokens are more than one step's
+    s.widths(0, sure, 1, 100)
+    assert s._rate == pytest.approx(s.rate(0.0, 0.3)) and s._rate > 1
 
 
 def test_certified_chain_drafts_to_lengths_that_verify_cheaply(verify_costs):
@@ -289,6 +292,7 @@ def test_certified_chain_drafts_to_lengths_that_verify_cheaply(verify_costs):
 
     def measure(costs):  # V(n) for n = 1 .. 8 (or {n: V(n)}), timed MEASURED times each; a forward takes 0.5 s
         s.history.steps.clear()
+        s.history.verified.clear()
         for n, v in (costs if isinstance(costs, dict) else dict(enumerate(costs, 1))).items():
             s.history.steps.extend([(n, 0.0, 0.5 * v)] * MEASURED)
 
@@ -304,6 +308,12 @@ def test_certified_chain_drafts_to_lengths_that_verify_cheaply(verify_costs):
     assert s.verify_costs()[4:] == pytest.approx([dear[2]] * 5) and chain() == 8  # so the chain drafts to them
     measure({1: verify_cost(1), 2: 1.5, 8: 2.1})  # between measured lengths: the straight line
     assert s.verify_costs() == pytest.approx([1.0, verify_cost(1), 1.5, 1.6, 1.7, 1.8, 1.9, 2.0, 2.1])
+    s.history.steps.clear()  # lengths timed before, none in the latest steps: each keeps its last measured V
+    s.history.steps.extend([(1, 0.0, 0.5 * verify_cost(1))] * MEASURED)
+    assert s.verify_costs() == pytest.approx([1.0, verify_cost(1), 1.5, 1.6, 1.7, 1.8, 1.9, 2.0, 2.1])
+    s.history.steps.extend([(2, 0.0, 0.5 * 1.2)] * MEASURED)  # timed again: its new V
+    assert s.verify_costs()[:3] == pytest.approx([1.0, verify_cost(1), 1.2])
+    s.history.verified.clear()
     s.history.steps.clear()
     assert s.verify_costs() == [verify_cost(n) for n in range(9)]  # none measured: the prior
 

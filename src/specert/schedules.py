@@ -97,11 +97,12 @@ target's 19% of the time, of 3 tokens 72-76%), and its chain stops by the same r
 rates, its stops judged like any other. One that names none has every position in class 0.
 
 A chain can be *settled*: one token whatever its class, every class paying at the first position and none
-scoring a second (:meth:`CertifiedSchedule.settled`). The draft head is, on 2 CPU cores: its positions' acceptance
-(0.2-0.3) pays for a verification that costs about a plain forward, and never for a second token's. Then the class
-decides nothing, only what the schedule learns, and the chain measures one step in ``SAMPLE`` (4): the drafter's
-certificate, the position's class and the KL after it (0.5-0.6 ms of a 45 ms step, 1.2-1.3%, which left k=auto 2-3%
-behind a chain of one with the same decisions); the other steps draft one token unmeasured.
+scoring a second (:meth:`CertifiedSchedule.settled`). The draft head's is, on 2 CPU cores: its positions'
+acceptance (0.2-0.3) pays for a verification that costs about a plain forward, not for a second token's once V(2) is
+measured. Then the class decides nothing, only what the schedule learns, and the chain measures one step in
+``SAMPLE`` (4): the drafter's certificate, the position's class and the KL after it (0.5-0.6 ms of a 47 ms step,
+timed inside decoding, which left k=auto about 2% behind a chain of one making the same decisions); the other steps
+draft one token unmeasured.
 
 The guarantee audit counts, at verified certified positions that were measured (every position of a certified
 tree, the certified ones of a chain): ``held`` (KL <= the eps_hat the width was chosen with), ``held_covered`` (of
@@ -201,7 +202,7 @@ PRICED = 64
 # 1.221x against 1.183x (16 prompts of extraction, translation, summarization, rag); 1.149x against 1.158x (26).
 PRIOR = 16
 # A settled chain (one token whatever its class: CertifiedSchedule.settled) measures one step in SAMPLE: the draft
-# head's certificate and the KL after it took 0.5-0.6 ms of a 45 ms step, the same decisions as a chain of one.
+# head's certificate and the KL after it took 0.5-0.6 ms of a 47 ms step that made a chain of one's decisions.
 SAMPLE = 4
 
 
@@ -273,6 +274,7 @@ class History:
     steps: deque = field(default_factory=lambda: deque(maxlen=256))  # (drafted, seconds outside the target's
     # forward, seconds of the target's forward) of the latest steps
     yields: deque = field(default_factory=lambda: deque(maxlen=64))  # (drafted, emitted) of the latest chain steps
+    verified: dict = field(default_factory=dict)  # V(n) of each length n as last measured (verify_costs)
 
 
 class CertifiedSchedule(Schedule):
@@ -370,7 +372,10 @@ class CertifiedSchedule(Schedule):
         the longest at the longest one's V, the least a longer verification can cost. Optimistic on purpose: a
         chain drafts to a length it prices cheaply and so measures it, but never to one it overprices (a line
         through short lengths, whose per-token cost on a CPU is twice the long ones', kept k=auto's chains short
-        for a whole run, or not, depending on its first steps)."""
+        for a whole run, or not, depending on its first steps). A length measured once and drafted too rarely since
+        to stay in the latest steps keeps its last measured V (``History.verified``), rather than being priced
+        optimistically again: the draft head's chain drafted a second token at 13 of 716 steps, never accepted,
+        three every 256 steps, to measure again that it does not pay."""
         table, one = [verify_cost(n) for n in range(self.max_depth + 1)], self.forward_seconds()
         if not one:
             return table
@@ -380,11 +385,12 @@ class CertifiedSchedule(Schedule):
                 near.append(seconds / verify_cost(n))
             if 0 < n < len(table):
                 ratios.append((n, seconds / (statistics.median(near) if near else one)))
-        groups = _medians(ratios)
-        measured = sorted(n for n, (_, count) in groups.items() if count >= MEASURED)
+        known = self.history.verified
+        known.update((n, v) for n, (v, count) in _medians(ratios).items() if count >= MEASURED)
+        measured = sorted(n for n in known if n < len(table))
         if not measured:
             return table
-        costs = [1.0] + [groups[n][0] for n in measured]  # V(0) = 1: a plain forward
+        costs = [1.0] + [known[n] for n in measured]  # V(0) = 1: a plain forward
         return [1.0] + np.interp(range(1, len(table)), [0] + measured, costs).tolist()
 
     def forward_seconds(self) -> float | None:
@@ -466,8 +472,11 @@ class CertifiedSchedule(Schedule):
                 self._lambda = self.rate(*self._costs)
             self._priced += 1
             # near the end of the generation there is no long run to earn lambda in: what the chain does not
-            # draft, plain decoding (rate 1) must produce
-            rate = self._lambda if self.room >= self.max_depth else 1.0
+            # draft, plain decoding (rate 1) must produce. Near: no further than the latest chains' longest (a
+            # draft head's are one token; with max_depth instead, its last 16 tokens were a fifth of its steps,
+            # drafted at rate 1 and backing off after every stop)
+            longest = max((n for n, _ in self.history.yields), default=self.max_depth)
+            rate = self._lambda if self.room > longest else 1.0
             if priced or rate != self._rate:
                 self._rate = rate
                 self._settled = self.settled()

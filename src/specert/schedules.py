@@ -374,7 +374,7 @@ class CertifiedSchedule(Schedule):
         through short lengths, whose per-token cost on a CPU is twice the long ones', kept k=auto's chains short
         for a whole run, or not, depending on its first steps). A length measured once and drafted too rarely since
         to stay in the latest steps keeps its last measured V (``History.verified``), rather than being priced
-        optimistically again: the draft head's chain drafted a second token at 13 of 716 steps, never accepted,
+        optimistically again: the draft head's chain drafted a second token at 13 of 714 steps, never accepted,
         three every 256 steps, to measure again that it does not pay."""
         table, one = [verify_cost(n) for n in range(self.max_depth + 1)], self.forward_seconds()
         if not one:

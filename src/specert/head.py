@@ -141,7 +141,7 @@ class DraftHead(nn.Module):
         last one adds to the normalizer: :func:`~specert.certificates.top1_certificates` of ``small`` with the
         draft logits as the only candidates is that of the full logits. None otherwise (a rest token among the two
         most probable: the caller computes it over the whole vocabulary)."""
-        logits = small.numpy()  # (numpy: a comparison and a count, not three torch ops of dispatch)
+        logits = small.detach().numpy()  # (numpy: a comparison and a count, not three torch ops of dispatch)
         if self.cfg.vocab_size == len(self.vocab) or (logits[:-1] > logits[-1] - self.log_others).sum() < 2:
             return None
         return float(top1_certificates(small[None], candidates=len(self.vocab)))

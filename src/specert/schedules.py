@@ -531,7 +531,7 @@ class CertifiedSchedule(Schedule):
         would score a second position (:meth:`may_extend`). Then the class changes nothing this step decides, only
         what the schedule learns, and the chain measures one step in ``SAMPLE``: the drafter's certificate, the
         position's class and the KL after it (the rates, eps_hat and the audit learn from that sample). Checked at
-        each pricing."""
+        each pricing and when the rate changes (near the end of a generation)."""
         if self.max_width > 1 or self.eps_hat == 0 or self.depths < 2:
             return False
         classes = range(CERTIFIED + 1)

@@ -414,6 +414,25 @@ def test_a_chain_without_a_distribution_probes_after_backing_off():
     assert s.alpha(0) > before and s._backoff == 0
 
 
+def test_a_drafter_with_nothing_to_draft_is_not_backed_off():
+    """The back-off follows the rule's stops only: a drafter that had nothing to draft (an n-gram drafter finding no
+    match, which never asks for widths) is looked at again at the next step, even where the rate is 1 (the end of
+    a generation); one whose first position the rule stopped there is not run for a step."""
+    from specert.drafters import DraftTree
+    from specert.schedules import CertifiedSchedule
+
+    s = CertifiedSchedule(max_depth=8, cost=0.3)
+    s.history.reached, s.history.accepted = [60.0, 0, 0, 0], [3.0, 0, 0, 0]  # right 1 time in 20: it stops
+    nothing = DraftTree([], [], None, [False])
+    for _ in range(3):
+        assert s.should_draft()
+        s.observe(nothing, torch.zeros(1, 8), [])  # no match: widths never asked
+    assert s._rate == 1 and s._backoff == 0
+    assert s.should_draft() and s.widths(0, None, 1, 100, guess=(0, 5)) == [0]  # the rule stops it
+    s.observe(nothing, torch.zeros(1, 8), [])
+    assert not s.should_draft() and s.should_draft()  # one step without it
+
+
 def test_the_drafting_cost_is_not_charged_with_steps_that_drafted_nothing():
     """c, a drafted token's cost, is the slope of a step's seconds against its drafted tokens: steps that drafted
     nothing (their seconds are the step's own) do not inflate it, whether the slope is fitted or, with too few
@@ -511,10 +530,11 @@ def test_a_chain_does_not_score_a_last_token_whose_successor_cannot_pay(target):
 def test_a_settled_chain_measures_one_step_in_sample(dear_verification, monkeypatch):
     """A chain that is one token whatever its class (every class pays at the first position, none would score a
     second: the draft head's on this machine) asks neither the drafter's certificate nor the KL after it, except at
-    one step in SAMPLE: the rates, eps_hat and the audit learn from that sample, and every step drafts one token.
+    one step in SAMPLE: the rates, eps_hat and the audit learn from that sample, and every step drafts one token. It
+    is priced one step in SETTLED_REPRICE.
     With a class that does not pay, the chain is not settled and measures every step."""
     from specert.drafters import DraftTree
-    from specert.schedules import PRICED, SAMPLE, CertifiedSchedule
+    from specert.schedules import PRICED, SAMPLE, SETTLED_REPRICE, CertifiedSchedule
 
     certificates = []
     monkeypatch.setattr(schedules, "top1_certificates",
@@ -538,6 +558,12 @@ def test_a_settled_chain_measures_one_step_in_sample(dear_verification, monkeypa
         assert step == 0 or s._settled
     assert measured == [(step % SAMPLE == 0,) * 3 for step in range(3 * SAMPLE)]
     assert len(certificates) == 3  # the measured steps' only
+    priced = []
+    monkeypatch.setattr(CertifiedSchedule, "verify_costs",
+                        lambda self, _f=CertifiedSchedule.verify_costs: priced.append(1) or _f(self))
+    for _ in range(SETTLED_REPRICE):
+        assert s.widths(0, torch.randn(1, 16, generator=gen), 1, 100) == [1] and s._settled
+    assert len(priced) == 1  # priced one step in SETTLED_REPRICE, not in REPRICE
     s.history.reached[0], s.history.accepted[0] = 100.0, 10.0  # class 0 right 1 time in 10: it stops there
     s._priced = 0  # (repriced at the next step)
     for _ in range(SAMPLE):

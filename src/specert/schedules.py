@@ -100,9 +100,10 @@ A chain can be *settled*: one token whatever its class, every class paying at th
 scoring a second (:meth:`CertifiedSchedule.settled`). The draft head's is, on 2 CPU cores: its positions'
 acceptance (0.2-0.3) pays for a verification that costs about a plain forward, not for a second token's once V(2) is
 measured. Then the class decides nothing, only what the schedule learns, and the chain measures one step in
-``SAMPLE`` (4): the drafter's certificate, the position's class and the KL after it (0.5-0.6 ms of a 47 ms step,
+``SAMPLE`` (8): the drafter's certificate, the position's class and the KL after it (0.5-0.6 ms of a 47 ms step,
 timed inside decoding, which left k=auto about 2% behind a chain of one making the same decisions); the other steps
-draft one token unmeasured.
+draft one token unmeasured. It is priced one step in ``SETTLED_REPRICE`` (32): only its rates moving can unsettle
+it.
 
 The guarantee audit counts, at verified certified positions that were measured (every position of a certified
 tree, the certified ones of a chain): ``held`` (KL <= the eps_hat the width was chosen with), ``held_covered`` (of
@@ -194,7 +195,10 @@ SPREAD = 8  # sum of (n - mean n)^2 over the timed steps before a line's slope i
 # A chain's prices (F, c), V and lambda are recomputed at a generation's first step and every REPRICE steps after,
 # at every step while fewer than PRICED steps were timed: medians and a line over the latest 256 steps, they move
 # little from one step to the next, and computing them took 0.2-0.3 ms a step, 0.6-0.8% of a draft head's step.
+# A settled chain (below) prices one step in SETTLED_REPRICE: only its rates moving can unsettle it, and its pricing
+# (the four classes' stopping and scoring rules besides) took 0.25% of the draft head's decoding at one step in 8.
 REPRICE = 8
+SETTLED_REPRICE = 32
 PRICED = 64
 # Within a generation a class's rate is (accepted here + PRIOR alpha) / (reached here + PRIOR), alpha the history's:
 # the history weighs as PRIOR positions of this generation (CertifiedSchedule.alpha). Session 17, ngram:3 on
@@ -202,8 +206,9 @@ PRICED = 64
 # 1.221x against 1.183x (16 prompts of extraction, translation, summarization, rag); 1.149x against 1.158x (26).
 PRIOR = 16
 # A settled chain (one token whatever its class: CertifiedSchedule.settled) measures one step in SAMPLE: the draft
-# head's certificate and the KL after it took 0.5-0.6 ms of a 47 ms step that made a chain of one's decisions.
-SAMPLE = 4
+# head's certificate and the KL after it took 0.5-0.6 ms of a 47 ms step that made a chain of one's decisions
+# (0.85 ms timed with the rest of observe's measuring: 0.45% of its decoding at one step in 4).
+SAMPLE = 8
 
 
 def _line(x, y, w) -> tuple[float, float]:
@@ -297,6 +302,7 @@ class CertifiedSchedule(Schedule):
         self._stop: tuple[int, int] | None = None  # where it stopped: (its class, the drafter's token there)
         self._backoff = self._skip = 0  # steps to decode without the drafter after it drafted nothing
         self._probe = self._probed = False  # the step after a skip may probe (a chain without a distribution)
+        self._asked = False  # whether the drafter asked for this step's first widths (it had something to draft)
         self._costs, self._rate = (0.0, 0.0), 1.0  # (F, c) and lambda for this step
         self._verify: list[float] | None = None  # V(0 .. max_depth) for this step
         self._lambda, self._priced = 1.0, 0  # the latest lambda computed, and the steps since the first pricing
@@ -466,7 +472,8 @@ class CertifiedSchedule(Schedule):
                      guess: tuple[int, int] | None) -> int:
         if depth == 0:
             self._drafted, self._stop, self._survive = [], None, 1.0
-            priced = self._priced % REPRICE == 0 or len(self.history.steps) < PRICED
+            every = SETTLED_REPRICE if self._settled else REPRICE
+            priced = self._priced % every == 0 or len(self.history.steps) < PRICED
             if priced:
                 self._costs, self._verify = self.costs(), self.verify_costs()
                 self._lambda = self.rate(*self._costs)
@@ -544,6 +551,7 @@ class CertifiedSchedule(Schedule):
         return self.eps_hat > 0 or not distribution
 
     def widths(self, depth, logits, frontier, budget_left, certificate=None, guess=None):
+        self._asked = self._asked or depth == 0
         if self.max_width == 1 and frontier == 1:
             return [self._chain_width(depth, None if logits is None else logits[0], certificate, guess)
                     if budget_left else 0]
@@ -575,13 +583,18 @@ class CertifiedSchedule(Schedule):
     def observe(self, tree, target_logits, path):
         # A drafter that drafted nothing (or only a probe that was rejected) is not even run for a while: 1, 2, 4,
         # ... 32 steps, until it drafts again; not a chain's drafter whose drafting pays (lambda > 1): this one
-        # position did not.
+        # position did not. Nor one that had nothing to draft (an n-gram drafter finding no match, at half the
+        # steps of Spec-Bench's stem prompts): the rule judged nothing, and looking again costs it next to nothing.
+        # (6 stem prompts after a short warm-up, rate 1 for lack of history and then near each generation's end:
+        # the drafter ran at 201 of 248 steps; at 238 of 241, every step with room for a draft, since.)
         drafted_any = bool(tree.tokens) and not (self._probed and not path)
+        asked, self._asked = self._asked, False
         self._probe = self._probed = False
         measured, self._measured = self._measured, True
         self._count += 1
-        self._backoff = 0 if drafted_any or self._rate > 1 else min(max(1, 2 * self._backoff), 32)
-        self._skip = self._backoff
+        if asked or drafted_any:
+            self._backoff = 0 if drafted_any or self._rate > 1 else min(max(1, 2 * self._backoff), 32)
+            self._skip = self._backoff
         h, counts = self.history, self.counts
         if self.max_width == 1:
             h.yields.append((len(tree.tokens), len(path) + 1))

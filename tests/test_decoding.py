@@ -415,9 +415,10 @@ def test_a_chain_without_a_distribution_probes_after_backing_off():
 
 
 def test_a_drafter_with_nothing_to_draft_is_not_backed_off():
-    """The back-off follows the rule's stops only: a drafter that had nothing to draft (an n-gram drafter finding no
-    match, which never asks for widths) is looked at again at the next step, even where the rate is 1 (the end of
-    a generation); one whose first position the rule stopped there is not run for a step."""
+    """A chain's back-off follows the rule's stops only: a drafter that had nothing to draft (an n-gram drafter finding
+    no match, which never asks for widths) is looked at again at the next step, even where the rate is 1 (the end
+    of a generation); one whose first position the rule stopped there is not run for a step. A tree backs off after
+    any empty step."""
     from specert.drafters import DraftTree
     from specert.schedules import CertifiedSchedule
 
@@ -431,6 +432,9 @@ def test_a_drafter_with_nothing_to_draft_is_not_backed_off():
     assert s.should_draft() and s.widths(0, None, 1, 100, guess=(0, 5)) == [0]  # the rule stops it
     s.observe(nothing, torch.zeros(1, 8), [])
     assert not s.should_draft() and s.should_draft()  # one step without it
+    tree = CertifiedSchedule(max_width=8)  # a tree has no lambda to say its drafting pays: an empty step backs off
+    tree.observe(nothing, torch.zeros(1, 8), [])
+    assert not tree.should_draft() and tree.should_draft()
 
 
 def test_the_drafting_cost_is_not_charged_with_steps_that_drafted_nothing():

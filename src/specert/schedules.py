@@ -22,7 +22,8 @@ positions (0 before the first, so a drafter's first step drafts in full). What a
 
 A tree position gets the smallest certified width. After a step that drafted nothing the drafter is not run for 1,
 2, 4, ... 32 steps (plain decoding) before it is probed again, unless it is a chain's drafter whose drafting pays
-(lambda > 1, below): a drafter far from the target drafts little and costs little. A chain's drafter that names
+(lambda > 1, below) or that had nothing to draft (the chain's rule judged nothing): a drafter far from the target
+drafts little and costs little. A chain's drafter that names
 neither a distribution nor its next token (``guess``) drafts one token at that probe whatever its estimate says
 (below, the token where a chain stops is judged for free; unnamed, nothing is, and a low estimate would never be
 revised); a probe that is rejected counts as a step that drafted nothing.
@@ -583,16 +584,18 @@ class CertifiedSchedule(Schedule):
     def observe(self, tree, target_logits, path):
         # A drafter that drafted nothing (or only a probe that was rejected) is not even run for a while: 1, 2, 4,
         # ... 32 steps, until it drafts again; not a chain's drafter whose drafting pays (lambda > 1): this one
-        # position did not. Nor one that had nothing to draft (an n-gram drafter finding no match, at half the
-        # steps of Spec-Bench's stem prompts): the rule judged nothing, and looking again costs it next to nothing.
-        # (6 stem prompts after a short warm-up, rate 1 for lack of history and then near each generation's end:
-        # the drafter ran at 201 of 248 steps; at 238 of 241, every step with room for a draft, since.)
+        # position did not. Nor a chain's drafter that had nothing to draft (an n-gram drafter finding no match, at
+        # half the steps of Spec-Bench's stem prompts): the rule judged nothing, and looking again costs it next to
+        # nothing. (6 stem prompts after a short warm-up, rate 1 for lack of history and then near each
+        # generation's end: the drafter ran at 201 of 248 steps; at 238 of 241, every step with room for a draft,
+        # since.) A tree has no lambda to say its drafting pays: an empty step is its only brake (tree=auto:16 with
+        # ngram:3, which drafts width-1 trees 8 deep at every match without it: 0.92x plain greedy against 0.99).
         drafted_any = bool(tree.tokens) and not (self._probed and not path)
         asked, self._asked = self._asked, False
         self._probe = self._probed = False
         measured, self._measured = self._measured, True
         self._count += 1
-        if asked or drafted_any:
+        if asked or drafted_any or self.max_width > 1:
             self._backoff = 0 if drafted_any or self._rate > 1 else min(max(1, 2 * self._backoff), 32)
             self._skip = self._backoff
         h, counts = self.history, self.counts

@@ -5,7 +5,9 @@ Greedy, batch 1, Spec-Bench prompts per category, all in one run: for every prom
 first (``--repeats R``: R such rounds, each config's fastest kept). Reports tokens/s
 relative to the target alone, mean acceptance length and target tokens verified per accepted token, and the
 certified schedules' guarantee audit (over every round). Every config is first run once on a warm-up prompt that
-is not measured (a served drafter has a history, which the certified schedules keep), and the target alone runs
+is not measured (a served drafter has a history, which the certified schedules keep; each config keeps its own, as
+``specert eval`` does: one drafter serves every shape here, and a tree's timings are not a chain's to learn from),
+and the target alone runs
 twice per round ("target again"): the ratio of two identical runs is the noise a per-category ratio carries.
 
 A certified schedule's tokens/s over the best fixed shape's, per category, comes with a 90% interval: Student's t
@@ -33,6 +35,7 @@ from specert.decoding import generate
 from specert.drafters import drafter_from_spec
 from specert.models import encode_prompt, load_model
 from specert.prompts import load_prompts
+from specert.schedules import History
 from specert.trace import SpecDecodeMetrics
 
 SPEC_BENCH = Path(__file__).resolve().parents[2] / "shared" / "data" / "spec_bench" / "question.jsonl"
@@ -71,10 +74,17 @@ def main():
         if len(by_cat[p.category]) < args.per_category:
             by_cat[p.category].append(p)
     drafters = {spec: drafter_from_spec(spec, target) for spec in shapes_of}
+    histories = defaultdict(History)  # config -> what its certified schedule measured of the drafter
+
+    def run(name, spec, shape, ids, max_new_tokens):
+        if spec is not None:
+            drafters[spec].history = histories[name]
+        return generate(target, ids, drafters.get(spec), max_new_tokens=max_new_tokens, **shape)
+
     generate(target, encode_prompt(target, "warm up"), max_new_tokens=4)
     for spec, shapes in shapes_of.items():  # warm up every config, on a prompt that is not measured (a served
         for kind, value in shapes:           # drafter would have a history: the certified schedules keep one)
-            generate(target, encode_prompt(target, WARM_UP), drafters[spec], max_new_tokens=48, **{kind: value})
+            run(f"{spec} {kind}={value}", spec, {kind: value}, encode_prompt(target, WARM_UP), 48)
     seconds = defaultdict(float)  # (category, config) -> seconds
     tokens = defaultdict(int)
     runs_of = defaultdict(list)  # (category, config) -> (tokens, seconds) of each prompt's fastest run
@@ -93,7 +103,7 @@ def main():
                 turn = next(turns) % len(runs)
                 runs = runs[turn:] + runs[:turn]  # rotated: a config's place in the order is not its speed
                 for name, spec, shape in runs:
-                    gen = generate(target, ids, drafters.get(spec), max_new_tokens=args.max_new_tokens, **shape)
+                    gen = run(name, spec, shape, ids, args.max_new_tokens)
                     if name not in best or gen.seconds < best[name].seconds:
                         best[name] = gen
                     for key, v in gen.audit.items():  # the audit counts every round

@@ -303,7 +303,7 @@ class CertifiedSchedule(Schedule):
         self._stop: tuple[int, int] | None = None  # where it stopped: (its class, the drafter's token there)
         self._backoff = self._skip = 0  # steps to decode without the drafter after it drafted nothing
         self._probe = self._probed = False  # the step after a skip may probe (a chain without a distribution)
-        self._asked = False  # whether the drafter asked for this step's first widths (it had something to draft)
+        self._asked = False  # whether a chain's drafter asked for this step's first width (it had something to draft)
         self._costs, self._rate = (0.0, 0.0), 1.0  # (F, c) and lambda for this step
         self._verify: list[float] | None = None  # V(0 .. max_depth) for this step
         self._lambda, self._priced = 1.0, 0  # the latest lambda computed, and the steps since the first pricing
@@ -472,7 +472,7 @@ class CertifiedSchedule(Schedule):
     def _chain_width(self, depth: int, q: torch.Tensor | None, certificate: float | None,
                      guess: tuple[int, int] | None) -> int:
         if depth == 0:
-            self._drafted, self._stop, self._survive = [], None, 1.0
+            self._drafted, self._stop, self._survive, self._asked = [], None, 1.0, True
             every = SETTLED_REPRICE if self._settled else REPRICE
             priced = self._priced % every == 0 or len(self.history.steps) < PRICED
             if priced:
@@ -552,7 +552,6 @@ class CertifiedSchedule(Schedule):
         return self.eps_hat > 0 or not distribution
 
     def widths(self, depth, logits, frontier, budget_left, certificate=None, guess=None):
-        self._asked = self._asked or depth == 0
         if self.max_width == 1 and frontier == 1:
             return [self._chain_width(depth, None if logits is None else logits[0], certificate, guess)
                     if budget_left else 0]

@@ -182,14 +182,13 @@ def main():
                                  sum((runs_of[cat, best] for cat in cats), []))
             print(f"{auto} / {best.split(' ', 1)[1]} over all {sum(len(by_cat[c]) for c in cats)} prompts: "
                   f"{r:.3f} [{lo:.3f}, {hi:.3f}]")
-    same = {cat: interval(runs_of[cat, "target again"], runs_of[cat, "target"]) for cat in cats}
+    pairs = {cat: (runs_of[cat, "target again"], runs_of[cat, "target"]) for cat in cats}
+    same = {cat: interval(*pair) for cat, pair in pairs.items()}
     print(f"\nthe method on two identical configs, target again / target: the interval holds 1 in "
           f"{sum(lo <= 1 <= hi for _, lo, hi in same.values())}/{len(cats)} categories "
           f"(bounds from {min(lo for _, lo, _ in same.values()):.2f} to {max(hi for _, _, hi in same.values()):.2f}); "
           "apart by Holm's procedure (family-wise 5% each side): "
-          + (", ".join(holm({c: (runs_of[c, "target again"], runs_of[c, "target"]) for c in cats}, "less")
-                       + holm({c: (runs_of[c, "target again"], runs_of[c, "target"]) for c in cats}, "greater"))
-             or "none"))
+          + (", ".join(holm(pairs, "less") + holm(pairs, "greater")) or "none"))
     print(f"outputs differing from the target's greedy output: {mismatches}")
 
 
@@ -209,7 +208,6 @@ def interval(runs: list, other: list) -> tuple[float, float, float]:
         return float(np.exp(mean)), 0.0, math.inf
     half = stats.t.ppf(0.95, len(logs) - 1) * logs.std(ddof=1) / math.sqrt(len(logs))
     return float(np.exp(mean)), float(np.exp(mean - half)), float(np.exp(mean + half))
-
 
 
 def holm(pairs: dict, side: str, alpha: float = 0.05) -> list:

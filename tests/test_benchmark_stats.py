@@ -32,16 +32,14 @@ def test_holm_finds_a_slower_category_and_steps_down():
     pairs = {"slow": runs(slow), "mild": runs(mild), "noisy": runs(noisy), "one": runs([0.5])}
     assert adaptive.holm(pairs, "less") == ["slow", "mild"]  # one prompt: not tested
     assert adaptive.holm(pairs, "greater") == []
-    # p-values 0.01 and 0.03 among two tests: Bonferroni (0.025 each) would take only the first, Holm both
-    p = {}
-    for name, target in (("a", 0.01), ("b", 0.03)):
-        for d in np.linspace(0.001, 0.2, 4000):
-            logs = np.array([-d, -d - 0.02, -d + 0.02])
-            value = adaptive.stats.ttest_1samp(logs, 0.0, alternative="less").pvalue
-            if value <= target:
-                p[name] = np.exp(logs)
-                break
-    assert adaptive.holm({k: runs(v) for k, v in p.items()}, "less", alpha=0.05) == ["a", "b"]
+    # p-values just below 0.01 and 0.03 among two tests: Bonferroni (0.025 each) would take only the first, Holm
+    # both. Three log ratios -d - s, -d, -d + s have t = -d sqrt(3) / s, so d = -t_2(p) s / sqrt(3) gives p-value p.
+    spread = 0.02
+    pairs = {}
+    for name, p in (("a", 0.0099), ("b", 0.0299)):
+        d = -adaptive.stats.t.ppf(p, 2) * spread / math.sqrt(3)
+        pairs[name] = runs(np.exp([-d - spread, -d, -d + spread]))
+    assert adaptive.holm(pairs, "less", alpha=0.05) == ["a", "b"]
 
 
 def test_holm_on_configs_of_equal_speed_seldom_finds_any(rng):

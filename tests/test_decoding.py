@@ -577,6 +577,65 @@ def test_a_settled_chain_measures_one_step_in_sample(dear_verification, monkeypa
         s.observe(DraftTree([], [], torch.randn(1, 16, generator=gen), [True]), torch.randn(1, 16, generator=gen), [])
 
 
+def test_a_settled_chain_stops_where_this_generations_first_positions_stop_paying(dear_verification):
+    """A settled chain knows its position's class at one step in SAMPLE, but whether its token was accepted at
+    every step: this generation's first positions (alpha_first) decide its other steps. Rejected at every step (the
+    draft head on a translation: accepted 2-4% of the time), it stops drafting at the unmeasured steps, and the
+    target's bonus token judges the token where it stopped."""
+    from specert.drafters import DraftTree
+    from specert.schedules import PRICED, SAMPLE, CertifiedSchedule
+
+    gen = torch.Generator().manual_seed(0)
+    s = CertifiedSchedule(max_depth=8, cost=0.1)
+    s.history.kls.extend([0.5] * 100)
+    s.eps = s._estimate()
+    s.history.reached, s.history.accepted = [100.0] * 4, [60.0] * 4  # every class right 6 times in 10
+    s.history.steps.extend([(1, 0.0, 1.35), (2, 0.0, 1.7)] * PRICED)  # V(1) = 1.35: a first token pays at 0.6
+    s.history.yields.extend([(1, 2)] * 64)
+
+    def step(agree: bool) -> int:
+        q = torch.randn(1, 16, generator=gen)
+        width = s.widths(0, q, 1, 100)[0]
+        target = torch.randn(1 + width, 16, generator=gen)
+        target[0, int(q.argmax())] = 10.0 if agree else -10.0  # the target's greedy token is the drafter's, or not
+        tokens = [int(q.argmax())] * width
+        s.observe(DraftTree(tokens, [-1] * width, torch.cat([q] * (1 + width)), [True] + [False] * width), target,
+                  [0] if agree and width else [])
+        return width
+
+    widths = [step(agree=False) for _ in range(3 * SAMPLE)]
+    assert s._settled and widths[:3] == [1, 1, 1]  # settled, and drafting while the history's rate holds
+    unmeasured = [w for i, w in enumerate(widths) if i % SAMPLE]
+    assert unmeasured[-8:] == [0] * 8  # then it stops, whatever the class it does not know
+    assert s._first == [3 * SAMPLE, 0]  # every step's first position counted, drafted or judged where it stopped
+    step(agree=False)  # (a measured step: it knows the class there)
+    before = list(s._first)
+    assert step(agree=True) == 0 and s._first == [before[0] + 1, before[1] + 1]  # a stop the target agreed with
+
+
+def test_a_chain_is_settled_when_knowing_the_class_is_worth_less_than_measuring_it():
+    """settled: a class that would score a second position but is rarely found is worth less a step than measuring
+    every step costs (MEASURE_COST): the chain is settled, and at a measured step that finds the class it still
+    scores. Found often, it is worth measuring: not settled. (Before session 21 any class that scored unsettled the
+    chain: the draft head's class 1 in extraction.)"""
+    from specert.schedules import MEASURE_COST, CertifiedSchedule
+
+    s = CertifiedSchedule(max_depth=8)
+    s.eps, s._costs, s._rate = [0.01] * 3, (0.0, 0.1), 1.2
+    s.history.reached, s.history.accepted = [200.0, 15.0, 0, 0], [100.0, 14.5, 0, 0]  # class 1 right 97% of the time
+    s.history.shares = [200.0, 15.0, 0, 0]  # found at 1 position in 14
+    assert all(s.pays(0, s.alpha(level)) for level in range(4))
+    assert s._scores(1, s.alpha(1)) and not s._scores(1, s.alpha(0))  # after a class-1 token a second one pays
+    worth = s.shares()[1] * s._scoring(1, s.alpha(1))
+    assert 0 < worth <= s._rate * MEASURE_COST and s.settled()
+    s._settled, s._measured, s._survive = True, True, s.alpha(1)  # a measured step that found class 1
+    assert s.may_extend(1)
+    s._measured = False  # an unmeasured one: one token
+    assert not s.may_extend(1)
+    s.history.shares = [100.0, 115.0, 0, 0]  # class 1 found at half the positions: worth measuring every step
+    assert not s.settled()
+
+
 def test_a_chain_scores_the_next_position_only_if_the_classes_found_there_pay_on_average():
     """may_extend weighs each class by how often chain positions fall in it: a class that would pay but is rarely
     found does not pay for a drafter forward at every step (the draft head ran a second forward at nearly every

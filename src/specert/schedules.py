@@ -76,7 +76,10 @@ that forward, by the classes it may find there (:meth:`CertifiedSchedule.may_ext
 (k = 0) are the drafter's catching up with the context, spent too; but where drafting pays no more than plain
 decoding (lambda <= 1) a step that drafts nothing sends the drafter into the back-off below, which saves that
 forward at the next steps, and there the first token is charged c more, to pay for it. (Before session 18 it was
-charged always: when drafting pays, a step that drafts nothing runs the drafter again at the next step.)
+charged always: when drafting pays, a step that drafts nothing runs the drafter again at the next step.) The skipped
+steps save the step's fixed cost F too, but charging it there (session 21, the draft head over Spec-Bench) made a
+young history's k=auto back off where the head pays: writing 0.91 [0.86, 0.96] of k=1, 0.993 over all prompts,
+against 0.97 [0.88, 1.07] and 1.004 charging c alone, the rest of the code the same.
 Charging every drafted token a forward, as before session 15, ran the draft head's second forward at nearly every
 step for a position it drafted at 8 steps in 460.
 
@@ -97,13 +100,17 @@ the token less one (:class:`~specert.drafters.NGramDrafter`: on Spec-Bench a tok
 target's 19% of the time, of 3 tokens 72-76%), and its chain stops by the same rule on those classes' measured
 rates, its stops judged like any other. One that names none has every position in class 0.
 
-A chain can be *settled*: one token whatever its class, every class paying at the first position and none
-scoring a second (:meth:`CertifiedSchedule.settled`). The draft head's is, on 2 CPU cores: its positions'
-acceptance (0.2-0.3) pays for a verification that costs about a plain forward, not for a second token's once V(2) is
-measured. Then the class decides nothing, only what the schedule learns, and the chain measures one step in
-``SAMPLE`` (8): the drafter's certificate, the position's class and the KL after it (0.5-0.6 ms of a 47 ms step,
-timed inside decoding, which left k=auto about 2% behind a chain of one making the same decisions); the other steps
-draft one token unmeasured. It is priced one step in ``SETTLED_REPRICE`` (32): only its rates moving can unsettle
+A chain can be *settled*: one token whatever its class, every class paying at the first position and knowing the
+class worth less than measuring it (:meth:`CertifiedSchedule.settled`; the class decides only whether to score a
+second position, and that may pay at a rare class by less than measuring every step costs). The draft head's is,
+on 2 CPU cores: its positions' acceptance (0.2-0.3) pays for a verification that costs about a plain forward, not
+for a second token's once V(2) is measured. Then the chain measures one step in ``SAMPLE`` (8): the drafter's
+certificate, the position's class and the KL after it (0.5-0.6 ms of a 47 ms step, timed inside decoding, which
+left k=auto about 2% behind a chain of one making the same decisions); the other steps draft one token unmeasured,
+while this generation's first positions pay for it (:meth:`CertifiedSchedule.alpha_first`: whether a token was
+accepted is known at every step, its class only where measured; session 21: on a translation the draft head was
+accepted at 2-4% of the steps, where the history's classes said 0.2-0.3, and a class rate learnt at one step in 8
+drafted at 45 of 46 steps). It is priced one step in ``SETTLED_REPRICE`` (32): only its rates moving can unsettle
 it.
 
 The guarantee audit counts, at verified certified positions that were measured (every position of a certified
@@ -210,6 +217,10 @@ PRIOR = 16
 # head's certificate and the KL after it took 0.5-0.6 ms of a 47 ms step that made a chain of one's decisions
 # (0.85 ms timed with the rest of observe's measuring: 0.45% of its decoding at one step in 4).
 SAMPLE = 8
+# What measuring a chain's step costs, in one-token target forwards: the drafter's certificate and the KL after the
+# step, 0.5-0.6 ms of the draft head's 47 ms step (session 18), against a one-token forward of 31-36 ms on these 2
+# cores. A chain is settled when knowing its first position's class is worth less (CertifiedSchedule.settled).
+MEASURE_COST = 0.015
 
 
 def _line(x, y, w) -> tuple[float, float]:
@@ -308,6 +319,7 @@ class CertifiedSchedule(Schedule):
         self._verify: list[float] | None = None  # V(0 .. max_depth) for this step
         self._lambda, self._priced = 1.0, 0  # the latest lambda computed, and the steps since the first pricing
         self._here = [[0, 0] for _ in range(CERTIFIED + 1)]  # this generation's chain positions: reached, accepted
+        self._first = [0, 0]  # this generation's first chain positions, at every step: reached, accepted
         self._settled = False  # whether the chain is one token whatever its class (settled), as last priced
         self._measured = True  # whether this step's chain is measured (its classes, the KLs after it)
         self._count = 0  # the steps observed: a settled chain measures one in SAMPLE
@@ -426,6 +438,14 @@ class CertifiedSchedule(Schedule):
         reached, accepted = self._here[level]
         return (accepted + PRIOR * a) / (reached + PRIOR)
 
+    def alpha_first(self) -> float:
+        """The acceptance rate of this generation's first chain positions, counted at every step, measured or not
+        (drafted, or judged by the target's bonus token where the chain stopped), with the classes' mean rate
+        (:meth:`alpha_mean`) counting as ``PRIOR`` positions: (accepted + PRIOR a) / (reached + PRIOR). A settled
+        chain, which knows its position's class at one step in ``SAMPLE`` only, decides its other steps by it."""
+        reached, accepted = self._first
+        return (accepted + PRIOR * self.alpha_mean()) / (reached + PRIOR)
+
     def shares(self) -> list[float]:
         """P(l): each class's share of the latest chain positions (``History.shares``, one position of each
         besides). Not the counts behind the rates: those decay per class, so a frequent class's saturate at RECENT
@@ -493,9 +513,12 @@ class CertifiedSchedule(Schedule):
             # skip drafts one token anyway.
             self._probed = q is None and guess is None and self._probe
             self._measured = q is None or certificate is not None or not self._settled or self._count % SAMPLE == 0
-            if not self._measured:  # one token whatever its class: not worth a certificate, nor the KL after it
-                self._drafted.append(None)
-                return 1
+            if not self._measured:  # one token whatever its class (not worth a certificate, nor the KL after it),
+                if self.pays(0, self.alpha_first()):  # while this generation's first positions pay for it
+                    self._drafted.append(None)
+                    return 1
+                self._stop = (None, int(argmax(q)))  # (not measured: q is given) for the bonus token to judge
+                return 0
         if certificate is None and q is not None and self.eps_hat > 0:
             certificate = float(top1_certificates(q[None]))
         if guess is not None:
@@ -527,23 +550,44 @@ class CertifiedSchedule(Schedule):
             return True
         return self._measured and self._scores(depth, self._survive)
 
-    def _scores(self, depth: int, survive: float) -> bool:
-        """:meth:`may_extend`'s rule for a chain whose latest token survives with probability ``survive``."""
+    def _scoring(self, depth: int, survive: float) -> float:
+        """What scoring the position at ``depth`` earns less what it costs, in tokens (:meth:`may_extend`'s rule,
+        for a chain whose latest token survives with probability ``survive``): sum over l of P(l) max(N_l, 0) -
+        lambda c."""
         ahead = self.alpha_mean()
         value = sum(p * max(self.net(depth, survive * self.alpha(level), ahead), 0.0)
                     for level, p in enumerate(self.shares()))
-        return value > self._rate * self._costs[1]
+        return value - self._rate * self._costs[1]
+
+    def _scores(self, depth: int, survive: float) -> bool:
+        """:meth:`may_extend`'s rule: :meth:`_scoring` > 0."""
+        return self._scoring(depth, survive) > 0
 
     def settled(self) -> bool:
-        """Whether the chain is one token whatever its first position's class: every class pays there and none
-        would score a second position (:meth:`may_extend`). Then the class changes nothing this step decides, only
-        what the schedule learns, and the chain measures one step in ``SAMPLE``: the drafter's certificate, the
-        position's class and the KL after it (the rates, eps_hat and the audit learn from that sample). Checked at
-        each pricing and when the rate changes (near the end of a generation)."""
+        """Whether the chain is one token whatever its first position's class: every class pays there, and what
+        knowing the class is worth does not pay for knowing it. The class decides only whether to score a second
+        position (:meth:`may_extend`); over the classes l at the first position, that is worth
+
+            W = sum over l of P(l) max(S_l, 0)   tokens a step,
+
+        S_l = :meth:`_scoring` at the second position after a first of class l, against ``MEASURE_COST`` forwards
+        (lambda ``MEASURE_COST`` tokens) to measure every step. Settled when W <= lambda ``MEASURE_COST``: then the
+        chain measures one step in ``SAMPLE`` (the drafter's certificate, the position's class and the KL after
+        it: the rates, eps_hat and the audit learn from that sample) and drafts one token at the others while
+        :meth:`alpha_first` pays for it. Checked at
+        each pricing and when the rate changes (near the end of a generation).
+
+        Before session 21 a chain was settled only where no class scored (W = 0): the draft head's class-1
+        positions in extraction, accepted 65-94% of the time, would score a second position, drafted at 0-9 steps
+        per generation, and the chain measured every step for it (k=auto over k=1 on 10 extraction prompts:
+        0.995)."""
         if self.max_width > 1 or self.eps_hat == 0 or self.depths < 2:
             return False
         classes = range(CERTIFIED + 1)
-        return all(self.pays(0, self.alpha(level)) and not self._scores(1, self.alpha(level)) for level in classes)
+        if not all(self.pays(0, self.alpha(level)) for level in classes):
+            return False
+        worth = sum(p * max(self._scoring(1, self.alpha(level)), 0.0) for level, p in zip(classes, self.shares()))
+        return worth <= self._rate * MEASURE_COST
 
     def _measuring(self, distribution: bool) -> bool:
         """Whether the chain's classes are measured: once eps_hat is (a drafter with a distribution; before, every
@@ -602,11 +646,14 @@ class CertifiedSchedule(Schedule):
             h.yields.append((len(tree.tokens), len(path) + 1))
         drafted, self._drafted = self._drafted, []  # a chain's positions: their classes
         stop, self._stop = self._stop, None
+        if self.max_width == 1 and (tree.tokens or stop is not None):  # the first position, drafted or judged
+            self._first[0] += 1
+            self._first[1] += bool(path) if tree.tokens else int(argmax(target_logits[0])) == stop[1]
         # the chain's acceptance by class (before eps_hat moves)
         if self.max_width == 1 and self._measuring(tree.logits is not None):
             seen = [(level, j < len(path)) for j, level in enumerate(drafted[: len(tree.tokens)])
                     if j <= len(path) and level is not None]
-            if stop is not None and len(path) == len(drafted):  # the target's bonus token judges the stop
+            if stop is not None and stop[0] is not None and len(path) == len(drafted):  # the bonus token judges it
                 level, token = stop
                 seen.append((level, int(argmax(target_logits[len(path)])) == token))
             for level, accepted in seen:

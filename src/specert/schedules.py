@@ -574,8 +574,8 @@ class CertifiedSchedule(Schedule):
         (lambda ``MEASURE_COST`` tokens) to measure every step. Settled when W <= lambda ``MEASURE_COST``: then the
         chain measures one step in ``SAMPLE`` (the drafter's certificate, the position's class and the KL after
         it: the rates, eps_hat and the audit learn from that sample) and drafts one token at the others while
-        :meth:`alpha_first` pays for it. Checked at
-        each pricing and when the rate changes (near the end of a generation).
+        :meth:`alpha_first` pays for it. Checked at each pricing and when the rate changes (near the end of a
+        generation).
 
         Before session 21 a chain was settled only where no class scored (W = 0): the draft head's class-1
         positions in extraction, accepted 65-94% of the time, would score a second position, drafted at 0-9 steps

@@ -3,9 +3,12 @@
 Greedy, batch 1, Spec-Bench prompts per category, all in one run: for every prompt the target alone and every
 (drafter, shape) run back to back, in an order rotated from one prompt to the next so that no config always runs
 first (``--repeats R``: R such rounds, each config's fastest kept). Reports tokens/s
-relative to the target alone, mean acceptance length, target tokens verified per accepted token and per generated
-token (the target's work per output token: 1 for plain decoding, which verifies nothing and accepts nothing), and the
-certified schedules' guarantee audit (over every round). Every config is first run once on a warm-up prompt that
+relative to the target alone, mean acceptance length, and the target's verification work three ways: target tokens
+per accepted token (every forward's tokens, a plain forward's too, per drafted token accepted), tokens of the forwards
+that verified drafted tokens per accepted token (1 + the drafted tokens, a tree's every node, at each step that
+drafted), drafted tokens per accepted one; and target tokens per generated token (the target's work per output
+token: 1 for plain decoding, which verifies nothing and accepts nothing); then the certified schedules' guarantee
+audit (over every round). Every config is first run once on a warm-up prompt that
 is not measured (a served drafter has a history, which the certified schedules keep; each config keeps its own, as
 ``specert eval`` does: one drafter serves every shape here, and a tree's timings are not a chain's to learn from),
 and the target alone runs
@@ -153,6 +156,10 @@ def main():
               + " |")
         print("| target tokens / accepted | | " + " | ".join(num(metrics[c].target_tokens_per_accepted)
                                                          for c in cols) + " |")
+        print("| target tokens in verifying forwards / accepted | | " + " | ".join(
+            num(metrics[c].verifying_tokens_per_accepted) for c in cols) + " |")
+        print("| drafted tokens / accepted | | " + " | ".join(
+            num(metrics[c].drafted_per_accepted) for c in cols) + " |")
         print("| target tokens / generated token | | " + " | ".join(
             num(metrics[c].num_target_tokens / metrics[c].num_generated_tokens) for c in cols) + " |")
         fixed = [c for c in cols if "auto" not in c and "heuristic" not in c]

@@ -277,7 +277,7 @@ def test_certified_chain_drafts_to_lengths_that_verify_cheaply(verify_costs):
     """V(n), what the target's forward costs when it verifies n drafted tokens, is measured once MEASURED
     verifications of n were timed (a CPU's matrix kernels make it uneven): a sure chain that the prior runs to its
     end stops before lengths that verify dearly, and runs on through them to one that verifies cheaply."""
-    from specert.schedules import MEASURED, CertifiedSchedule, verify_cost
+    from specert.schedules import KEEP, MEASURED, CertifiedSchedule, verify_cost
 
     sure = torch.tensor([[6.0, 0, 0, 0, 0, 0, 0, 0]])
     s = CertifiedSchedule(max_depth=8, cost=0.3)
@@ -313,6 +313,12 @@ def test_certified_chain_drafts_to_lengths_that_verify_cheaply(verify_costs):
     assert s.verify_costs() == pytest.approx([1.0, verify_cost(1), 1.5, 1.6, 1.7, 1.8, 1.9, 2.0, 2.1])
     s.history.steps.extend([(2, 0.0, 0.5 * 1.2)] * MEASURED)  # timed again: its new V
     assert s.verify_costs()[:3] == pytest.approx([1.0, verify_cost(1), 1.2])
+    s.history.timed += KEEP  # KEEP steps later, still timed in the latest steps: still theirs; the others kept
+    assert s.verify_costs() == pytest.approx([1.0, verify_cost(1), 1.2, 1.35, 1.5, 1.65, 1.8, 1.95, 2.1])
+    s.history.timed += 1  # ... but not for good: gone from the latest steps, V(8) is measured again
+    s.history.steps.clear()  # (one step more, and the timings of 1 and 2 drafted tokens still the latest)
+    s.history.steps.extend([(1, 0.0, 0.5 * verify_cost(1))] * MEASURED + [(2, 0.0, 0.5 * 1.2)] * MEASURED)
+    assert s.verify_costs() == pytest.approx([1.0, verify_cost(1)] + [1.2] * 7)
     s.history.verified.clear()
     s.history.steps.clear()
     assert s.verify_costs() == [verify_cost(n) for n in range(9)]  # none measured: the prior
@@ -617,8 +623,8 @@ def test_a_chain_is_settled_when_knowing_the_class_is_worth_less_than_measuring_
     """settled: a class that would score a second position but is rarely found is worth less a step than measuring
     every step costs (MEASURE_COST): the chain is settled, and at a measured step that finds the class it still
     scores. Found often, it is worth measuring: not settled. (Before session 21 any class that scored unsettled the
-    chain: the draft head's class 1 in extraction.)"""
-    from specert.schedules import MEASURE_COST, CertifiedSchedule
+    chain: the draft head's class 1 in extraction.) Nor while the rates rest on fewer than SETTLE_AFTER positions."""
+    from specert.schedules import MEASURE_COST, SETTLE_AFTER, CertifiedSchedule
 
     s = CertifiedSchedule(max_depth=8)
     s.eps, s._costs, s._rate = [0.01] * 3, (0.0, 0.1), 1.2
@@ -634,6 +640,10 @@ def test_a_chain_is_settled_when_knowing_the_class_is_worth_less_than_measuring_
     assert not s.may_extend(1)
     s.history.shares = [100.0, 115.0, 0, 0]  # class 1 found at half the positions: worth measuring every step
     assert not s.settled()
+    s.history.shares = [200.0, 15.0, 0, 0]
+    s.history.reached = [x * (SETTLE_AFTER - 1) / 215 for x in s.history.reached]  # the same rates, but learnt
+    s.history.accepted = [x * (SETTLE_AFTER - 1) / 215 for x in s.history.accepted]  # from too few positions
+    assert all(s.pays(0, s.alpha(level)) for level in range(4)) and not s.settled()
 
 
 def test_a_chain_scores_the_next_position_only_if_the_classes_found_there_pay_on_average():
@@ -802,6 +812,13 @@ def test_metrics_conventions():
     assert m.draft_acceptance_rate == pytest.approx(5 / 9)
     assert m.acceptance_rate_per_position == pytest.approx([2 / 3, 2 / 3, 1 / 3])
     assert m.target_tokens_per_accepted == pytest.approx(12 / 5)
+    assert m.verifying_tokens_per_accepted == pytest.approx(12 / 5)  # every step verified something
+    m.observe(Generation([1], [7, 8], 1.0, accepted=[0, 1], drafted=[0, 1], verified=[1, 2]))  # a plain step
+    assert m.target_tokens_per_accepted == pytest.approx(15 / 6)
+    assert m.verifying_tokens_per_accepted == pytest.approx(14 / 6)  # its forward verified nothing
+    assert m.drafted_per_accepted == pytest.approx(10 / 6)
+    m.observe(Generation([1], [9], 1.0, accepted=[0], drafted=[2], verified=[5]))  # a tree of 4 nodes, 2 deep
+    assert m.verifying_tokens_per_accepted == pytest.approx(19 / 6) and m.drafted_per_accepted == pytest.approx(14 / 6)
 
 
 class TestBadInput:

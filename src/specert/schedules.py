@@ -187,6 +187,7 @@ class Schedule:
 VERIFY_COST = 0.8
 VERIFY_TOKEN_COST = 0.19
 MEASURED = 3  # verifications of n drafted tokens timed before V(n) is theirs instead of the prior
+KEEP = 256  # steps a length's V is kept after its timings left the latest steps (CertifiedSchedule.verify_costs)
 NEAR = 5  # V(n)'s one-token forward: the median of the latest NEAR before each verification (verify_costs)
 
 # Each class's acceptance rate weighs its chain position j positions ago (of that class) by (1 - 1 / RECENT)^j: about
@@ -221,6 +222,9 @@ SAMPLE = 8
 # step, 0.5-0.6 ms of the draft head's 47 ms step (session 18), against a one-token forward of 31-36 ms on these 2
 # cores. A chain is settled when knowing its first position's class is worth less (CertifiedSchedule.settled).
 MEASURE_COST = 0.015
+# A chain is not settled before its classes' rates rest on this many measured chain positions (the decayed counts of
+# all classes together): until then the rates are mostly their prior, and measuring every step is how they are learnt.
+SETTLE_AFTER = 32
 
 
 def _line(x, y, w) -> tuple[float, float]:
@@ -291,7 +295,8 @@ class History:
     steps: deque = field(default_factory=lambda: deque(maxlen=256))  # (drafted, seconds outside the target's
     # forward, seconds of the target's forward) of the latest steps
     yields: deque = field(default_factory=lambda: deque(maxlen=64))  # (drafted, emitted) of the latest chain steps
-    verified: dict = field(default_factory=dict)  # V(n) of each length n as last measured (verify_costs)
+    verified: dict = field(default_factory=dict)  # n -> (V(n) as last measured, `timed` then) (verify_costs)
+    timed: int = 0  # the steps timed, ever
 
 
 class CertifiedSchedule(Schedule):
@@ -392,9 +397,12 @@ class CertifiedSchedule(Schedule):
         chain drafts to a length it prices cheaply and so measures it, but never to one it overprices (a line
         through short lengths, whose per-token cost on a CPU is twice the long ones', kept k=auto's chains short
         for a whole run, or not, depending on its first steps). A length measured once and drafted too rarely since
-        to stay in the latest steps keeps its last measured V (``History.verified``), rather than being priced
-        optimistically again: the draft head's chain drafted a second token at 13 of 714 steps, never accepted,
-        three every 256 steps, to measure again that it does not pay."""
+        to stay in the latest steps keeps its last measured V (``History.verified``) for ``KEEP`` more steps,
+        rather than being priced optimistically again at once: the draft head's chain drafted a second token at 13
+        of 714 steps, never accepted, three every 256 steps, to measure again that it does not pay. Not for good: a
+        chain that no longer drafts a length cannot correct its V (int4's settled at one token a step on a V(2) of
+        1.96 one-token forwards, session 21, where a second token costs about 0.2), so it is measured again one
+        window and ``KEEP`` steps after it last was."""
         table, one = [verify_cost(n) for n in range(self.max_depth + 1)], self.forward_seconds()
         if not one:
             return table
@@ -404,12 +412,14 @@ class CertifiedSchedule(Schedule):
                 near.append(seconds / verify_cost(n))
             if 0 < n < len(table):
                 ratios.append((n, seconds / (statistics.median(near) if near else one)))
-        known = self.history.verified
-        known.update((n, v) for n, (v, count) in _medians(ratios).items() if count >= MEASURED)
+        known, now = self.history.verified, self.history.timed
+        known.update((n, (v, now)) for n, (v, count) in _medians(ratios).items() if count >= MEASURED)
+        for n in [n for n, (_, at) in known.items() if now - at > KEEP]:
+            del known[n]
         measured = sorted(n for n in known if n < len(table))
         if not measured:
             return table
-        costs = [1.0] + [known[n] for n in measured]  # V(0) = 1: a plain forward
+        costs = [1.0] + [known[n][0] for n in measured]  # V(0) = 1: a plain forward
         return [1.0] + np.interp(range(1, len(table)), [0] + measured, costs).tolist()
 
     def forward_seconds(self) -> float | None:
@@ -422,6 +432,7 @@ class CertifiedSchedule(Schedule):
 
     def timed(self, draft_seconds, verify_seconds, drafted):
         self.history.steps.append((drafted, draft_seconds, verify_seconds))
+        self.history.timed += 1
 
     def alpha(self, level: int) -> float:
         """The measured acceptance rate of chain positions of a class. From the history (decayed counts):
@@ -580,8 +591,13 @@ class CertifiedSchedule(Schedule):
         Before session 21 a chain was settled only where no class scored (W = 0): the draft head's class-1
         positions in extraction, accepted 65-94% of the time, would score a second position, drafted at 0-9 steps
         per generation, and the chain measured every step for it (k=auto over k=1 on 10 extraction prompts:
-        0.995)."""
-        if self.max_width > 1 or self.eps_hat == 0 or self.depths < 2:
+        0.995).
+
+        Not before the classes' rates rest on ``SETTLE_AFTER`` measured chain positions: a settled chain learns
+        them at one step in ``SAMPLE``, so one that settled on their prior of 1/2 learnt them 8 times slower than a
+        chain that measures every step (``int4`` from an empty history, session 21: settled at 14 of its first 17
+        steps, a token a step, its first positions accepted 14 times in 15)."""
+        if self.max_width > 1 or self.eps_hat == 0 or self.depths < 2 or sum(self.history.reached) < SETTLE_AFTER:
             return False
         classes = range(CERTIFIED + 1)
         if not all(self.pays(0, self.alpha(level)) for level in classes):

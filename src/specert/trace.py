@@ -94,7 +94,8 @@ class SpecDecodeMetrics:
     num_draft_tokens: int = 0
     num_accepted_tokens: int = 0
     num_generated_tokens: int = 0
-    num_target_tokens: int = 0  # tokens the target ran in verification (1 + tree nodes per step)
+    num_target_tokens: int = 0  # tokens the target ran, every step (1 + tree nodes; 1 at a step that drafted nothing)
+    num_verifying_tokens: int = 0  # ... at the steps that drafted (their forwards verified drafted tokens)
     seconds: float = 0.0
     accepted_per_position: list[int] = field(default_factory=list)
     drafted_per_position: list[int] = field(default_factory=list)
@@ -103,10 +104,11 @@ class SpecDecodeMetrics:
     soundness_violations: int = 0
 
     def observe(self, gen) -> None:
-        for acc, drafted in zip(gen.accepted, gen.drafted):
+        for acc, drafted, verified in zip(gen.accepted, gen.drafted, gen.verified):
             if drafted == 0:
                 continue
             self.num_drafts += 1
+            self.num_verifying_tokens += verified
             self.num_draft_tokens += drafted
             self.num_accepted_tokens += acc
             while len(self.drafted_per_position) < drafted:
@@ -144,6 +146,19 @@ class SpecDecodeMetrics:
     def target_tokens_per_accepted(self) -> float:
         """Tokens the target verified per drafted token it accepted (lower is cheaper verification)."""
         return self.num_target_tokens / self.num_accepted_tokens if self.num_accepted_tokens else float("inf")
+
+    @property
+    def verifying_tokens_per_accepted(self) -> float:
+        """Tokens the target ran in the forwards that verified drafted tokens (1 + the tree's nodes, at the steps
+        that drafted) per drafted token it accepted: :attr:`target_tokens_per_accepted` without the plain forwards
+        of steps that drafted nothing, which verify nothing."""
+        return self.num_verifying_tokens / self.num_accepted_tokens if self.num_accepted_tokens else float("inf")
+
+    @property
+    def drafted_per_accepted(self) -> float:
+        """Drafted tokens (a tree's every node) the target verified per drafted token it accepted."""
+        nodes = self.num_verifying_tokens - self.num_drafts
+        return nodes / self.num_accepted_tokens if self.num_accepted_tokens else float("inf")
 
     def add(self, counts: dict) -> None:
         """Add another summary's counts (its ``dataclasses.asdict``): how summaries saved apart, one per prompt, are

@@ -401,7 +401,7 @@ class CertifiedSchedule(Schedule):
         rather than being priced optimistically again at once: the draft head's chain drafted a second token at 13
         of 714 steps, never accepted, three every 256 steps, to measure again that it does not pay. Not for good: a
         chain that no longer drafts a length cannot correct its V (int4's settled at one token a step on a V(2) of
-        1.96 one-token forwards, session 21, where a second token costs about 0.2), so it is measured again one
+        1.96 one-token forwards in session 21; session 22's logs read 1.17-1.34), so it is measured again one
         window and ``KEEP`` steps after it last was."""
         table, one = [verify_cost(n) for n in range(self.max_depth + 1)], self.forward_seconds()
         if not one:
@@ -595,8 +595,8 @@ class CertifiedSchedule(Schedule):
 
         Not before the classes' rates rest on ``SETTLE_AFTER`` measured chain positions: a settled chain learns
         them at one step in ``SAMPLE``, so one that settled on their prior of 1/2 learnt them 8 times slower than a
-        chain that measures every step (``int4`` from an empty history, session 21: settled at 14 of its first 17
-        steps, a token a step, its first positions accepted 14 times in 15)."""
+        chain that measures every step (``int4`` from an empty history, logged in session 22 on session 21's code:
+        settled at 14 of its first 17 steps, a token a step, its first positions accepted 14 times in 15)."""
         if self.max_width > 1 or self.eps_hat == 0 or self.depths < 2 or sum(self.history.reached) < SETTLE_AFTER:
             return False
         classes = range(CERTIFIED + 1)

@@ -144,7 +144,7 @@ class SpecDecodeMetrics:
 
     @property
     def target_tokens_per_accepted(self) -> float:
-        """Tokens the target verified per drafted token it accepted (lower is cheaper verification)."""
+        """Tokens the target ran, at every step (a plain forward's one token too), per drafted token it accepted."""
         return self.num_target_tokens / self.num_accepted_tokens if self.num_accepted_tokens else float("inf")
 
     @property

@@ -161,7 +161,7 @@ def main():
         print("| drafted tokens / accepted | | " + " | ".join(
             num(metrics[c].drafted_per_accepted) for c in cols) + " |")
         print("| target tokens / generated token | | " + " | ".join(
-            num(metrics[c].num_target_tokens / metrics[c].num_generated_tokens) for c in cols) + " |")
+            num(metrics[c].target_tokens_per_generated) for c in cols) + " |")
         fixed = [c for c in cols if "auto" not in c and "heuristic" not in c]
         best = max(fixed, key=overall)
         for auto in [c for c in cols if "auto" in c]:

@@ -155,6 +155,11 @@ class SpecDecodeMetrics:
         return self.num_verifying_tokens / self.num_accepted_tokens if self.num_accepted_tokens else float("inf")
 
     @property
+    def target_tokens_per_generated(self) -> float:
+        """Tokens the target ran per generated token: its work per output token (1 for plain decoding)."""
+        return self.num_target_tokens / self.num_generated_tokens if self.num_generated_tokens else float("nan")
+
+    @property
     def drafted_per_accepted(self) -> float:
         """Drafted tokens (a tree's every node) the target verified per drafted token it accepted."""
         nodes = self.num_verifying_tokens - self.num_drafts

@@ -28,12 +28,17 @@ family-wise error 5%: the side and level of a 90% interval's lower miss, for the
 that procedure on the target against itself, both sides. The same interval over all prompts tells a difference too
 small for any category's 6 prompts (the draft head's k=auto against k=1: the same decisions, the schedule's work).
 
+The target's verification work (the four counts of the table) of a certified schedule over the best fixed shape's
+comes with a 90% paired bootstrap interval over all prompts: each count is a ratio of sums over prompts (a prompt
+that accepts little weighs little), so its interval is the bootstrap's, not a t interval of per-prompt ratios.
+
     python benchmarks/adaptive.py --per-category 1 --max-new-tokens 48
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import math
 from collections import defaultdict
@@ -100,6 +105,7 @@ def main():
     tokens = defaultdict(int)
     runs_of = defaultdict(list)  # (category, config) -> (tokens, seconds) of each prompt's fastest run
     metrics = defaultdict(SpecDecodeMetrics)  # config -> metrics over all prompts
+    per_prompt = defaultdict(list)  # config -> one SpecDecodeMetrics per prompt, the prompts in the same order
     audit = defaultdict(lambda: defaultdict(int))
     mismatches = 0
     turns = itertools.count()
@@ -126,6 +132,8 @@ def main():
                 runs_of[cat, name].append((len(gen.tokens), gen.seconds))
                 if name != "target":
                     metrics[name].observe(gen)
+                    per_prompt[name].append(SpecDecodeMetrics())
+                    per_prompt[name][-1].observe(gen)
         print(f"done {cat}", flush=True)
     names = [f"{s} {k}={v}" for s, shapes in shapes_of.items() for k, v in shapes]
     cats = list(by_cat)
@@ -192,6 +200,12 @@ def main():
                                  sum((runs_of[cat, best] for cat in cats), []))
             print(f"{auto} / {best.split(' ', 1)[1]} over all {sum(len(by_cat[c]) for c in cats)} prompts: "
                   f"{r:.3f} [{lo:.3f}, {hi:.3f}]")
+            work = {label: count_ratio(per_prompt[auto], per_prompt[best], count) for label, count in COUNTS.items()}
+            print(f"{auto} / {best.split(' ', 1)[1]}, the target's verification work over all prompts (the count's "
+                  "ratio and its 90% paired bootstrap interval): "
+                  + ", ".join(f"{label} {r:.3f} [{lo:.3f}, {hi:.3f}]" for label, (r, lo, hi) in work.items())
+                  + f"; fewer (interval below 1) by {sum(hi < 1 for _, _, hi in work.values())}/{len(work)} counts, "
+                  f"more (above 1) by {sum(lo > 1 for _, lo, _ in work.values())}")
     pairs = {cat: (runs_of[cat, "target again"], runs_of[cat, "target"]) for cat in cats}
     same = {cat: interval(*pair) for cat, pair in pairs.items()}
     print(f"\nthe method on two identical configs, target again / target: the interval holds 1 in "
@@ -200,6 +214,41 @@ def main():
           "apart by Holm's procedure (family-wise 5% each side): "
           + (", ".join(holm(pairs, "less") + holm(pairs, "greater")) or "none"))
     print(f"outputs differing from the target's greedy output: {mismatches}")
+
+
+COUNTS = {  # the target's verification work, as printed in the table: label -> SpecDecodeMetrics property
+    "target tokens / accepted": "target_tokens_per_accepted",
+    "in verifying forwards / accepted": "verifying_tokens_per_accepted",
+    "drafted / accepted": "drafted_per_accepted",
+    "target tokens / generated": "target_tokens_per_generated",
+}
+
+
+def count_ratio(mine: list, other: list, count: str, resamples: int = 2000) -> tuple[float, float, float]:
+    """``count`` (a :class:`SpecDecodeMetrics` property: a ratio of counts summed over prompts) of ``mine`` over
+    that of ``other`` (one SpecDecodeMetrics per prompt, the same prompts in the same order), with its 90% percentile
+    bootstrap interval over prompts, paired (a resample draws the same prompts for both; ``scipy.stats.bootstrap``,
+    fixed seed; Efron and Tibshirani, "An Introduction to the Bootstrap" (1993), ch. 13). Percentile, not BCa: a
+    resample whose prompts accepted nothing under one config has an infinite count, which BCa cannot take and the
+    percentile interval shows as an unbounded end; under both configs its ratio is undefined, and so is the
+    interval (NaN ends: too few prompts, or too few tokens, to tell)."""
+    fields = [f.name for f in dataclasses.fields(SpecDecodeMetrics) if isinstance(getattr(mine[0], f.name), int)]
+    a = np.array([[getattr(m, f) for f in fields] for m in mine], dtype=np.int64)
+    b = np.array([[getattr(m, f) for f in fields] for m in other], dtype=np.int64)
+    if a.shape != b.shape:
+        raise ValueError(f"count_ratio needs the same prompts for both configs, got {len(a)} and {len(b)}")
+
+    def value(rows):
+        rows = np.asarray(rows, dtype=np.int64)
+        summed = [SpecDecodeMetrics(**dict(zip(fields, x[rows].sum(0).tolist()))) for x in (a, b)]
+        return getattr(summed[0], count) / getattr(summed[1], count)
+
+    rows = np.arange(len(a))
+    if len(rows) < 2:
+        return value(rows), 0.0, math.inf
+    ci = stats.bootstrap((rows,), value, vectorized=False, n_resamples=resamples, confidence_level=0.9,
+                         method="percentile", random_state=np.random.default_rng(0)).confidence_interval
+    return value(rows), float(ci.low), float(ci.high)
 
 
 def log_ratios(runs: list, other: list) -> np.ndarray:

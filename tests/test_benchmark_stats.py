@@ -51,3 +51,26 @@ def test_holm_on_configs_of_equal_speed_seldom_finds_any(rng):
         found += bool(adaptive.holm(pairs, "less"))
         raw += any(adaptive.interval(*pair)[2] < 1 for pair in pairs.values())
     assert found <= 20 and raw >= 70
+
+
+def test_count_ratio_is_the_ratio_of_summed_counts_with_a_paired_interval(rng):
+    from specert.trace import SpecDecodeMetrics
+
+    def prompts(verifying_per_accepted, noise):
+        out = []
+        for accepted in rng.integers(5, 40, 30):
+            drafts = int(accepted)  # one drafting step per accepted token: drafts and accepted alike
+            verifying = int(round(accepted * verifying_per_accepted * np.exp(rng.normal(0, noise))))
+            out.append(SpecDecodeMetrics(num_drafts=drafts, num_accepted_tokens=int(accepted),
+                                         num_verifying_tokens=verifying, num_target_tokens=verifying + 3,
+                                         num_generated_tokens=48, num_draft_tokens=verifying - drafts))
+        return out
+
+    fewer, base = prompts(2.0, 0.1), prompts(2.5, 0.1)
+    r, lo, hi = adaptive.count_ratio(fewer, base, "verifying_tokens_per_accepted")
+    summed = (sum(m.num_verifying_tokens for m in fewer) / sum(m.num_accepted_tokens for m in fewer)) / (
+        sum(m.num_verifying_tokens for m in base) / sum(m.num_accepted_tokens for m in base))
+    assert math.isclose(r, summed) and lo < r < hi < 1.0  # 20% fewer over 30 prompts: the interval says so
+    r, lo, hi = adaptive.count_ratio(prompts(2.0, 0.3), prompts(2.0, 0.3), "verifying_tokens_per_accepted")
+    assert lo < 1.0 < hi  # the same work up to noise: no difference found
+    assert adaptive.count_ratio(fewer[:1], base[:1], "drafted_per_accepted")[1:] == (0.0, math.inf)

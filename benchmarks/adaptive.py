@@ -104,7 +104,6 @@ def main():
     seconds = defaultdict(float)  # (category, config) -> seconds
     tokens = defaultdict(int)
     runs_of = defaultdict(list)  # (category, config) -> (tokens, seconds) of each prompt's fastest run
-    metrics = defaultdict(SpecDecodeMetrics)  # config -> metrics over all prompts
     per_prompt = defaultdict(list)  # config -> one SpecDecodeMetrics per prompt, the prompts in the same order
     audit = defaultdict(lambda: defaultdict(int))
     mismatches = 0
@@ -131,11 +130,14 @@ def main():
                 tokens[cat, name] += len(gen.tokens)
                 runs_of[cat, name].append((len(gen.tokens), gen.seconds))
                 if name != "target":
-                    metrics[name].observe(gen)
                     per_prompt[name].append(SpecDecodeMetrics())
                     per_prompt[name][-1].observe(gen)
         print(f"done {cat}", flush=True)
     names = [f"{s} {k}={v}" for s, shapes in shapes_of.items() for k, v in shapes]
+    metrics = defaultdict(SpecDecodeMetrics)  # config -> metrics over all prompts
+    for name, prompts in per_prompt.items():
+        for m in prompts:
+            metrics[name].add(dataclasses.asdict(m))
     cats = list(by_cat)
 
     def num(x):  # a schedule that drafted nothing in the timed runs has no acceptance figures

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
+from specert.trace import SpecDecodeMetrics
+
 BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "adaptive.py"
 spec = importlib.util.spec_from_file_location("adaptive", BENCHMARK)
 adaptive = importlib.util.module_from_spec(spec)
@@ -54,8 +56,6 @@ def test_holm_on_configs_of_equal_speed_seldom_finds_any(rng):
 
 
 def test_count_ratio_is_the_ratio_of_summed_counts_with_a_paired_interval(rng):
-    from specert.trace import SpecDecodeMetrics
-
     def prompts(verifying_per_accepted, noise):
         out = []
         for accepted in rng.integers(5, 40, 30):

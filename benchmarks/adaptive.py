@@ -164,14 +164,8 @@ def main():
               + " |")
         print("| mean acceptance length | | " + " | ".join(num(metrics[c].mean_acceptance_length) for c in cols)
               + " |")
-        print("| target tokens / accepted | | " + " | ".join(num(metrics[c].target_tokens_per_accepted)
-                                                         for c in cols) + " |")
-        print("| target tokens in verifying forwards / accepted | | " + " | ".join(
-            num(metrics[c].verifying_tokens_per_accepted) for c in cols) + " |")
-        print("| drafted tokens / accepted | | " + " | ".join(
-            num(metrics[c].drafted_per_accepted) for c in cols) + " |")
-        print("| target tokens / generated token | | " + " | ".join(
-            num(metrics[c].target_tokens_per_generated) for c in cols) + " |")
+        for label, count in COUNTS.items():
+            print(f"| {label} | | " + " | ".join(num(getattr(metrics[c], count)) for c in cols) + " |")
         fixed = [c for c in cols if "auto" not in c and "heuristic" not in c]
         best = max(fixed, key=overall)
         for auto in [c for c in cols if "auto" in c]:
@@ -218,11 +212,11 @@ def main():
     print(f"outputs differing from the target's greedy output: {mismatches}")
 
 
-COUNTS = {  # the target's verification work, as printed in the table: label -> SpecDecodeMetrics property
+COUNTS = {  # the target's verification work, the table's rows: label -> SpecDecodeMetrics property
     "target tokens / accepted": "target_tokens_per_accepted",
-    "in verifying forwards / accepted": "verifying_tokens_per_accepted",
-    "drafted / accepted": "drafted_per_accepted",
-    "target tokens / generated": "target_tokens_per_generated",
+    "target tokens in verifying forwards / accepted": "verifying_tokens_per_accepted",
+    "drafted tokens / accepted": "drafted_per_accepted",
+    "target tokens / generated token": "target_tokens_per_generated",
 }
 
 

@@ -32,6 +32,11 @@ The target's verification work (the four counts of the table) of a certified sch
 comes with a 90% paired bootstrap interval over all prompts: each count is a ratio of sums over prompts (a prompt
 that accepts little weighs little), so its interval is the bootstrap's, not a t interval of per-prompt ratios.
 
+``--again k=1`` runs a drafter's shape a second time as a config of its own (its own history, its own place in the
+rotation), checked like the target against itself: two runs of one drafter config differ as much as a run's
+drafter state and history can make them, which the target's check does not see (the draft head's k=auto against
+k=1 read 0.982 [0.970, 0.994], 0.996 [0.990, 1.001] and 1.012 [0.990, 1.035] in three runs, sessions 22-23).
+
     python benchmarks/adaptive.py --per-category 1 --max-new-tokens 48
 """
 
@@ -77,13 +82,21 @@ def main():
     ap.add_argument("--drafter", action="append", choices=sorted(SHAPES), help="drafters to run (default: all)")
     ap.add_argument("--shape", action="append", metavar="k=N|tree=W",
                     help="shapes to run instead of the drafter's default ones (k=8, k=auto, tree=auto:16, ...)")
+    ap.add_argument("--again", action="append", metavar="k=N|tree=W", default=[],
+                    help="run this shape a second time, as a config of its own with its own history (the noise "
+                    "of comparing two of a drafter's configs, as 'target again' is the target's)")
     args = ap.parse_args()
     shapes = None
     if args.shape:
-        shapes = [tuple(s.split("=", 1)) for s in args.shape]
-        if any(len(s) != 2 or s[0] not in ("k", "tree") or not s[1] for s in shapes):
-            ap.error("--shape takes k=VALUE or tree=VALUE, e.g. --shape k=8 --shape tree=auto:16")
+        shapes = [_shape(ap, s) for s in args.shape]
     shapes_of = {spec: shapes or SHAPES[spec] for spec in (args.drafter or SHAPES)}
+    again = [_shape(ap, s) for s in args.again]
+    for spec, kinds in shapes_of.items():
+        if missing := [f"{k}={v}" for k, v in again if f"{k}={v}" not in {f"{a}={b}" for a, b in kinds}]:
+            ap.error(f"--again {', '.join(missing)}: not among {spec}'s shapes; run it with --shape too")
+    configs = [(f"{spec} {kind}={value}", spec, {kind: value}) for spec, kinds in shapes_of.items()
+               for kind, value in kinds]
+    configs += [(f"{spec} {kind}={value} again", spec, {kind: value}) for spec in shapes_of for kind, value in again]
     target = load_model("smollm2-135m")
     by_cat = defaultdict(list)
     for p in load_prompts(str(SPEC_BENCH)):
@@ -98,9 +111,8 @@ def main():
         return generate(target, ids, drafters.get(spec), max_new_tokens=max_new_tokens, **shape)
 
     generate(target, encode_prompt(target, "warm up"), max_new_tokens=4)
-    for spec, shapes in shapes_of.items():  # warm up every config, on a prompt that is not measured (a served
-        for kind, value in shapes:           # drafter would have a history: the certified schedules keep one)
-            run(f"{spec} {kind}={value}", spec, {kind: value}, encode_prompt(target, WARM_UP), 48)
+    for name, spec, shape in configs:  # warm up every config on a prompt that is not measured (a served drafter
+        run(name, spec, shape, encode_prompt(target, WARM_UP), 48)  # has a history: certified schedules keep one)
     seconds = defaultdict(float)  # (category, config) -> seconds
     tokens = defaultdict(int)
     runs_of = defaultdict(list)  # (category, config) -> (tokens, seconds) of each prompt's fastest run
@@ -113,9 +125,7 @@ def main():
             ids = encode_prompt(target, p.text)
             best = {}  # config -> its fastest generation over the rounds
             for _ in range(args.repeats):
-                runs = [("target", None, {}), ("target again", None, {})]
-                runs += [(f"{spec} {kind}={value}", spec, {kind: value})
-                         for spec, shapes in shapes_of.items() for kind, value in shapes]
+                runs = [("target", None, {}), ("target again", None, {})] + configs
                 turn = next(turns) % len(runs)
                 runs = runs[turn:] + runs[:turn]  # rotated: a config's place in the order is not its speed
                 for name, spec, shape in runs:
@@ -133,7 +143,7 @@ def main():
                     per_prompt[name].append(SpecDecodeMetrics())
                     per_prompt[name][-1].observe(gen)
         print(f"done {cat}", flush=True)
-    names = [f"{s} {k}={v}" for s, shapes in shapes_of.items() for k, v in shapes]
+    names = [name for name, _, _ in configs]
     metrics = defaultdict(SpecDecodeMetrics)  # config -> metrics over all prompts
     for name, prompts in per_prompt.items():
         for m in prompts:
@@ -166,9 +176,9 @@ def main():
               + " |")
         for label, count in COUNTS.items():
             print(f"| {label} | | " + " | ".join(num(getattr(metrics[c], count)) for c in cols) + " |")
-        fixed = [c for c in cols if "auto" not in c and "heuristic" not in c]
+        fixed = [c for c in cols if not any(w in c for w in ("auto", "heuristic", "again"))]
         best = max(fixed, key=overall)
-        for auto in [c for c in cols if "auto" in c]:
+        for auto in [c for c in cols if "auto" in c and "again" not in c]:
             wins = sum(speed(cat, auto) >= speed(cat, best) for cat in cats)
             near = sum(speed(cat, auto) >= speed(cat, best) * (1 - abs(1 - speed(cat, "target again")))
                        for cat in cats)
@@ -202,14 +212,27 @@ def main():
                   + ", ".join(f"{label} {r:.3f} [{lo:.3f}, {hi:.3f}]" for label, (r, lo, hi) in work.items())
                   + f"; fewer (interval below 1) by {sum(hi < 1 for _, _, hi in work.values())}/{len(work)} counts, "
                   f"more (above 1) by {sum(lo > 1 for _, lo, _ in work.values())}")
-    pairs = {cat: (runs_of[cat, "target again"], runs_of[cat, "target"]) for cat in cats}
-    same = {cat: interval(*pair) for cat, pair in pairs.items()}
-    print(f"\nthe method on two identical configs, target again / target: the interval holds 1 in "
-          f"{sum(lo <= 1 <= hi for _, lo, hi in same.values())}/{len(cats)} categories "
-          f"(bounds from {min(lo for _, lo, _ in same.values()):.2f} to {max(hi for _, _, hi in same.values()):.2f}); "
-          "apart by Holm's procedure (family-wise 5% each side): "
-          + (", ".join(holm(pairs, "less") + holm(pairs, "greater")) or "none"))
+    print()
+    for name in ["target"] + [n for n in names if n.endswith(" again")]:
+        original = name.removesuffix(" again")
+        pairs = {cat: (runs_of[cat, original + " again"], runs_of[cat, original]) for cat in cats}
+        same = {cat: interval(*pair) for cat, pair in pairs.items()}
+        r, lo, hi = interval(sum((a for a, _ in pairs.values()), []), sum((b for _, b in pairs.values()), []))
+        print(f"the method on two identical configs, {original} again / {original}: the interval holds 1 in "
+              f"{sum(lo <= 1 <= hi for _, lo, hi in same.values())}/{len(cats)} categories (bounds from "
+              f"{min(lo for _, lo, _ in same.values()):.2f} to {max(hi for _, _, hi in same.values()):.2f}); apart by "
+              "Holm's procedure (family-wise 5% each side): "
+              + (", ".join(holm(pairs, "less") + holm(pairs, "greater")) or "none")
+              + f"; over all prompts {r:.3f} [{lo:.3f}, {hi:.3f}]")
     print(f"outputs differing from the target's greedy output: {mismatches}")
+
+
+def _shape(ap, text: str) -> tuple[str, str]:
+    """("k" or "tree", value) from a --shape or --again argument such as k=8 or tree=auto:16."""
+    shape = tuple(text.split("=", 1))
+    if len(shape) != 2 or shape[0] not in ("k", "tree") or not shape[1]:
+        ap.error(f"{text!r}: a shape is k=VALUE or tree=VALUE, e.g. --shape k=8 --shape tree=auto:16")
+    return shape
 
 
 COUNTS = {  # the target's verification work, the table's rows: label -> SpecDecodeMetrics property

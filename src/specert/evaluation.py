@@ -251,8 +251,11 @@ def decode_side_by_side(loaded: LoadedModel, jobs: list[DecodeJob], encoded: dic
                         greedy: dict[int, list[int]], chosen: list[int], steps: int, parts: Path | None = None,
                         progress: bool = True) -> dict[str, dict]:
     """Real decoding of the ``chosen`` prompts by every job, side by side: prompt by prompt, each prompt's jobs in
-    the previous prompt's order rotated by one, so that no job always runs first or after the same one (a shared
-    machine's speed drifts over minutes, and a fixed order hands the drift to the same jobs). Every job first
+    the previous prompt's order rotated by one, so that no job always runs first (a shared machine's speed drifts
+    over minutes, and a fixed order hands the drift to the same jobs). A rotation still runs each job after the same
+    one whenever it is not first: ``benchmarks/adaptive.py`` draws a random order per prompt instead (two identical
+    configs read 1.020 [1.000, 1.042] of each other over 78 prompts in a rotation, 0.996 [0.980, 1.012] in a random
+    order; one run each, session 24). Every job first
     decodes 2 tokens of the first prompt untimed (one-time costs: kernels' first shapes, a drafter's warm-up), and
     keeps its own drafter history (what a k=auto schedule learns under one rule does not hold under another).
 

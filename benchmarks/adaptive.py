@@ -93,12 +93,13 @@ def main():
     if args.shape:
         shapes = [_shape(ap, s) for s in args.shape]
     shapes_of = {spec: shapes or SHAPES[spec] for spec in (args.drafter or SHAPES)}
-    again = [_shape(ap, s) for s in args.again]
-    for spec, kinds in shapes_of.items():
-        if missing := [f"{k}={v}" for k, v in again if f"{k}={v}" not in {f"{a}={b}" for a, b in kinds}]:
-            ap.error(f"--again {', '.join(missing)}: not among {spec}'s shapes; run it with --shape too")
     configs = [(f"{spec} {kind}={value}", spec, {kind: value}) for spec, kinds in shapes_of.items()
                for kind, value in kinds]
+    again = [_shape(ap, s) for s in args.again]
+    known = {name for name, _, _ in configs}
+    for spec in shapes_of:
+        if missing := [f"{k}={v}" for k, v in again if f"{spec} {k}={v}" not in known]:
+            ap.error(f"--again {', '.join(missing)}: not among {spec}'s shapes; run it with --shape too")
     configs += [(f"{spec} {kind}={value} again", spec, {kind: value}) for spec in shapes_of for kind, value in again]
     target = load_model("smollm2-135m")
     by_cat = defaultdict(list)

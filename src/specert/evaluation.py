@@ -255,9 +255,9 @@ def decode_side_by_side(loaded: LoadedModel, jobs: list[DecodeJob], encoded: dic
     over minutes, and a fixed order hands the drift to the same jobs). A rotation still runs each job after the same
     one whenever it is not first: ``benchmarks/adaptive.py`` draws a random order per prompt instead (two identical
     configs read 1.020 [1.000, 1.042] of each other over 78 prompts in a rotation, 0.996 [0.980, 1.012] in a random
-    order; one run each, session 24). Every job first
-    decodes 2 tokens of the first prompt untimed (one-time costs: kernels' first shapes, a drafter's warm-up), and
-    keeps its own drafter history (what a k=auto schedule learns under one rule does not hold under another).
+    order; one run each, session 24). Every job first decodes 2 tokens of the first prompt untimed (one-time costs:
+    kernels' first shapes, a drafter's warm-up), and keeps its own drafter history (what a k=auto schedule learns
+    under one rule does not hold under another).
 
     With ``parts`` each (job, prompt) result is saved as ``parts/<job>/prompt-NNNNN.json`` when made and read back
     instead of rerun (a resumed run's k=auto schedules start their history again). Returns {job name: its

@@ -3,23 +3,23 @@
 Greedy, batch 1, Spec-Bench prompts per category, all in one run: for every prompt the target alone and every
 (drafter, shape) run back to back, in an order drawn at random for each prompt (seeded), so that no config always
 runs first or after the same one (``--repeats R``: R such rounds, each config's fastest kept). Reports tokens/s
-relative to the target alone, mean acceptance length, and the target's verification work three ways: target tokens
-per accepted token (every forward's tokens, a plain forward's too, per drafted token accepted), tokens of the forwards
-that verified drafted tokens per accepted token (1 + the drafted tokens, a tree's every node, at each step that
-drafted), drafted tokens per accepted one; and target tokens per generated token (the target's work per output
+relative to the target alone, mean acceptance length, and the target's verification work four ways: target tokens
+per accepted token (every forward's tokens, a plain forward's too, per drafted token accepted), tokens of the
+forwards that verified drafted tokens per accepted token (1 + the drafted tokens, a tree's every node, at each step
+that drafted), drafted tokens per accepted one; and target tokens per generated token (the target's work per output
 token: 1 for plain decoding, which verifies nothing and accepts nothing); then the certified schedules' guarantee
-audit (over every round). Every config is first run once on a warm-up prompt that
-is not measured (a served drafter has a history, which the certified schedules keep; each config keeps its own, as
-``specert eval`` does: one drafter serves every shape here, and a tree's timings are not a chain's to learn from),
-and the target alone runs
-twice per round ("target again"): the ratio of two identical runs is the noise a per-category ratio carries.
+audit (over every round). Every config is first run once on a warm-up prompt that is not measured (a served drafter
+has a history, which the certified schedules keep; each config keeps its own, as ``specert eval`` does: one drafter
+serves every shape here, and a tree's timings are not a chain's to learn from), and the target alone runs twice per
+round ("target again"): the ratio of two identical runs is the noise a per-category ratio carries.
 
 A certified schedule's tokens/s over the best fixed shape's, per category, comes with a 90% interval: Student's t
 over the category's prompts of the log of each prompt's ratio (paired: both ran on the same prompt, back to back),
 around their geometric mean. A category where the interval lies above 1 is a win, one where it holds 1 a match
 within what these prompts can tell apart, one below 1 a loss; take 4 prompts per category or more. The target
-against itself (printed last) checks the method: its interval should hold 1 in about 9 categories in 10. (Session
-15's percentile bootstrap over 4-6 prompts, with the configs in a fixed order, missed 1 there in 1-5 of 13.)
+against itself (printed last) checks the method: its interval should hold 1 in about 9 categories in 10. NOTE: a t
+interval, not a percentile bootstrap: over 4-6 prompts the bootstrap's interval is too narrow, and the target
+against itself misses 1 in far more categories than one in ten.
 
 "On every category" is 13 comparisons at once: two configs of equal speed have one 90% interval in 13 below 1 about
 every other run (1 - 0.95^13 = 0.49), so one category below is no finding by itself. The benchmark also names the
@@ -34,11 +34,13 @@ that accepts little weighs little), so its interval is the bootstrap's, not a t 
 
 ``--again k=1`` runs a drafter's shape a second time as a config of its own (its own history, its own place in the
 order), checked like the target against itself: two runs of one drafter config differ as much as a run's drafter
-state and history can make them, which the target's check does not see (the draft head's k=auto against k=1 read
-0.982 [0.970, 0.994], 0.996 [0.990, 1.001] and 1.012 [0.990, 1.035] in three runs, sessions 22-23; in session 24,
-with the configs in a fixed rotation, k=1 again against k=1 read 1.020 [1.000, 1.042] over 78 prompts, and k=auto
-against k=1 1.023 [1.005, 1.042]. In a fixed rotation each config always follows the same one: k=1 followed the
-target alone, k=1 again a run of the head. The order is drawn at random since).
+state and history can make them, which the target's check does not see. A difference between two configs no larger
+than the one between a config and itself run again is no finding. NOTE: the order is drawn at random for each
+prompt, not rotated: in a fixed rotation each config always follows the same one, and what ran just before a config
+(the caches it left, the machine's state) moves its speed.
+
+The report is printed and written to ``benchmarks/results/adaptive-<date>-<commit>.md`` with the command and the
+machine (``benchmarks/results.py``).
 
     python benchmarks/adaptive.py --per-category 1 --max-new-tokens 48
 """
@@ -53,14 +55,17 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
+import torch
+import transformers
+from results import Report  # benchmarks/results.py, beside this script
 from scipy import stats
 
-from specert.decoding import generate
-from specert.drafters import drafter_from_spec
-from specert.models import encode_prompt, load_model
-from specert.prompts import load_prompts
-from specert.schedules import History
-from specert.trace import SpecDecodeMetrics
+from specert.decoding.loop import generate
+from specert.decoding.models import encode_prompt, load_model
+from specert.decoding.schedules import History
+from specert.decoding.trace import SpecDecodeMetrics
+from specert.drafters.spec import drafter_from_spec
+from specert.study.prompts import load_prompts
 
 SPEC_BENCH = Path(__file__).resolve().parents[2] / "shared" / "data" / "spec_bench" / "question.jsonl"
 WARM_UP = "Write a short story about a lighthouse keeper who finds a message in a bottle."
@@ -89,6 +94,9 @@ def main():
                     help="run this shape a second time, as a config of its own with its own history (the noise "
                     "of comparing two of a drafter's configs, as 'target again' is the target's)")
     args = ap.parse_args()
+    report = Report("adaptive")  # the load average before the run
+    report.versions.update(torch=f"{torch.__version__} ({torch.get_num_threads()} threads)",
+                           transformers=transformers.__version__)
     shapes = None
     if args.shape:
         shapes = [_shape(ap, s) for s in args.shape]
@@ -146,6 +154,7 @@ def main():
                     per_prompt[name].append(SpecDecodeMetrics())
                     per_prompt[name][-1].observe(gen)
         print(f"done {cat}", flush=True)
+    say = report.print
     names = [name for name, _, _ in configs]
     metrics = defaultdict(SpecDecodeMetrics)  # config -> metrics over all prompts
     for name, prompts in per_prompt.items():
@@ -163,71 +172,71 @@ def main():
         t = sum(tokens[c, name] for c in cats) / sum(seconds[c, name] for c in cats)
         return t / (sum(tokens[c, "target"] for c in cats) / sum(seconds[c, "target"] for c in cats))
 
-    print(f"\n{args.per_category} Spec-Bench prompt(s) per category, {args.max_new_tokens} new tokens, greedy; "
-          "tokens/s relative to the target alone in the same run")
+    say(f"{args.per_category} Spec-Bench prompt(s) per category, {args.max_new_tokens} new tokens, greedy; "
+        "tokens/s relative to the target alone in the same run")
     for spec in shapes_of:
         cols = [n for n in names if n.startswith(spec + " ")]
-        print(f"\n**{spec}** (target again: the target alone run a second time, the noise of a ratio)\n")
-        print("| category | target again | " + " | ".join(c.split(" ", 1)[1] for c in cols) + " |")
-        print("|---|---:|" + "---:|" * len(cols))
+        say(f"\n**{spec}** (target again: the target alone run a second time, the noise of a ratio)\n")
+        say("| category | target again | " + " | ".join(c.split(" ", 1)[1] for c in cols) + " |")
+        say("|---|---:|" + "---:|" * len(cols))
         for cat in cats:
-            print(f"| {cat} | {speed(cat, 'target again'):.2f} | " + " | ".join(f"{speed(cat, c):.2f}" for c in cols)
-                  + " |")
-        print(f"| **all** | {overall('target again'):.2f} | " + " | ".join(f"**{overall(c):.2f}**" for c in cols)
-              + " |")
-        print("| mean acceptance length | | " + " | ".join(num(metrics[c].mean_acceptance_length) for c in cols)
-              + " |")
+            say(f"| {cat} | {speed(cat, 'target again'):.2f} | " + " | ".join(f"{speed(cat, c):.2f}" for c in cols)
+                + " |")
+        say(f"| **all** | {overall('target again'):.2f} | " + " | ".join(f"**{overall(c):.2f}**" for c in cols)
+            + " |")
+        say("| mean acceptance length | | " + " | ".join(num(metrics[c].mean_acceptance_length) for c in cols)
+            + " |")
         for label, count in COUNTS.items():
-            print(f"| {label} | | " + " | ".join(num(getattr(metrics[c], count)) for c in cols) + " |")
+            say(f"| {label} | | " + " | ".join(num(getattr(metrics[c], count)) for c in cols) + " |")
         fixed = [c for c in cols if not any(w in c for w in ("auto", "heuristic", "again"))]
         best = max(fixed, key=overall)
         for auto in [c for c in cols if "auto" in c and "again" not in c]:
             wins = sum(speed(cat, auto) >= speed(cat, best) for cat in cats)
             near = sum(speed(cat, auto) >= speed(cat, best) * (1 - abs(1 - speed(cat, "target again")))
                        for cat in cats)
-            print(f"\n{auto}: at or above the best fixed shape ({best.split(' ', 1)[1]}) in {wins}/{len(cats)} "
-                  f"categories, within the target's own run-to-run difference of it in {near}/{len(cats)}; "
-                  f"guarantee audit {dict(audit[auto])}")
+            say(f"\n- {auto}: at or above the best fixed shape ({best.split(' ', 1)[1]}) in {wins}/{len(cats)} "
+                f"categories, within the target's own run-to-run difference of it in {near}/{len(cats)}; "
+                f"guarantee audit {dict(audit[auto])}")
             # against each category's own best fixed shape (picked after the fact: a bound no schedule knows)
             ratios = {cat: speed(cat, auto) / max(speed(cat, c) for c in fixed) for cat in cats}
             noise = {cat: abs(1 - speed(cat, "target again")) for cat in cats}
-            print(f"{auto} / each category's best fixed shape: "
-                  + ", ".join(f"{cat} {r:.2f}" for cat, r in ratios.items())
-                  + f"; at or above it in {sum(r >= 1 for r in ratios.values())}/{len(cats)}, within the target's "
-                  f"run-to-run difference in {sum(r >= 1 - noise[c] for c, r in ratios.items())}/{len(cats)}")
+            say(f"- {auto} / each category's best fixed shape: "
+                + ", ".join(f"{cat} {r:.2f}" for cat, r in ratios.items())
+                + f"; at or above it in {sum(r >= 1 for r in ratios.values())}/{len(cats)}, within the target's "
+                f"run-to-run difference in {sum(r >= 1 - noise[c] for c, r in ratios.items())}/{len(cats)}")
             versus = {cat: interval(runs_of[cat, auto], runs_of[cat, best]) for cat in cats}
-            print(f"{auto} / {best.split(' ', 1)[1]} per category, geometric mean of its prompts' ratios and its "
-                  "90% t interval: "
-                  + ", ".join(f"{cat} {r:.2f} [{lo:.2f}, {hi:.2f}]" for cat, (r, lo, hi) in versus.items())
-                  + f"; above 1 in {sum(lo > 1 for _, lo, _ in versus.values())}/{len(cats)}, holding 1 in "
-                  f"{sum(lo <= 1 <= hi for _, lo, hi in versus.values())}, below 1 in "
-                  f"{sum(hi < 1 for _, _, hi in versus.values())}")
+            say(f"- {auto} / {best.split(' ', 1)[1]} per category, geometric mean of its prompts' ratios and its "
+                "90% t interval: "
+                + ", ".join(f"{cat} {r:.2f} [{lo:.2f}, {hi:.2f}]" for cat, (r, lo, hi) in versus.items())
+                + f"; above 1 in {sum(lo > 1 for _, lo, _ in versus.values())}/{len(cats)}, holding 1 in "
+                f"{sum(lo <= 1 <= hi for _, lo, hi in versus.values())}, below 1 in "
+                f"{sum(hi < 1 for _, _, hi in versus.values())}")
             below = holm({cat: (runs_of[cat, auto], runs_of[cat, best]) for cat in cats}, "less")
-            print(f"{auto} below {best.split(' ', 1)[1]} by Holm's procedure over the {len(cats)} categories "
-                  f"(family-wise 5%): {', '.join(below) or 'none'}")
+            say(f"- {auto} below {best.split(' ', 1)[1]} by Holm's procedure over the {len(cats)} categories "
+                f"(family-wise 5%): {', '.join(below) or 'none'}")
             r, lo, hi = interval(sum((runs_of[cat, auto] for cat in cats), []),
                                  sum((runs_of[cat, best] for cat in cats), []))
-            print(f"{auto} / {best.split(' ', 1)[1]} over all {sum(len(by_cat[c]) for c in cats)} prompts: "
-                  f"{r:.3f} [{lo:.3f}, {hi:.3f}]")
+            say(f"- {auto} / {best.split(' ', 1)[1]} over all {sum(len(by_cat[c]) for c in cats)} prompts: "
+                f"{r:.3f} [{lo:.3f}, {hi:.3f}]")
             work = {label: count_ratio(per_prompt[auto], per_prompt[best], count) for label, count in COUNTS.items()}
-            print(f"{auto} / {best.split(' ', 1)[1]}, the target's verification work over all prompts (the count's "
-                  "ratio and its 90% paired bootstrap interval): "
-                  + ", ".join(f"{label} {r:.3f} [{lo:.3f}, {hi:.3f}]" for label, (r, lo, hi) in work.items())
-                  + f"; fewer (interval below 1) by {sum(hi < 1 for _, _, hi in work.values())}/{len(work)} counts, "
-                  f"more (above 1) by {sum(lo > 1 for _, lo, _ in work.values())}")
-    print()
+            say(f"- {auto} / {best.split(' ', 1)[1]}, the target's verification work over all prompts (the count's "
+                "ratio and its 90% paired bootstrap interval): "
+                + ", ".join(f"{label} {r:.3f} [{lo:.3f}, {hi:.3f}]" for label, (r, lo, hi) in work.items())
+                + f"; fewer (interval below 1) by {sum(hi < 1 for _, _, hi in work.values())}/{len(work)} counts, "
+                f"more (above 1) by {sum(lo > 1 for _, lo, _ in work.values())}")
+    say()
     for name in ["target"] + [n for n in names if n.endswith(" again")]:
         original = name.removesuffix(" again")
         pairs = {cat: (runs_of[cat, original + " again"], runs_of[cat, original]) for cat in cats}
         same = {cat: interval(*pair) for cat, pair in pairs.items()}
         r, lo, hi = interval(sum((a for a, _ in pairs.values()), []), sum((b for _, b in pairs.values()), []))
-        print(f"the method on two identical configs, {original} again / {original}: the interval holds 1 in "
-              f"{sum(lo <= 1 <= hi for _, lo, hi in same.values())}/{len(cats)} categories (bounds from "
-              f"{min(lo for _, lo, _ in same.values()):.2f} to {max(hi for _, _, hi in same.values()):.2f}); apart by "
-              "Holm's procedure (family-wise 5% each side): "
-              + (", ".join(holm(pairs, "less") + holm(pairs, "greater")) or "none")
-              + f"; over all prompts {r:.3f} [{lo:.3f}, {hi:.3f}]")
-    print(f"outputs differing from the target's greedy output: {mismatches}")
+        say(f"- the method on two identical configs, {original} again / {original}: the interval holds 1 in "
+            f"{sum(lo <= 1 <= hi for _, lo, hi in same.values())}/{len(cats)} categories (bounds from "
+            f"{min(lo for _, lo, _ in same.values()):.2f} to {max(hi for _, _, hi in same.values()):.2f}); apart by "
+            "Holm's procedure (family-wise 5% each side): "
+            + (", ".join(holm(pairs, "less") + holm(pairs, "greater")) or "none")
+            + f"; over all prompts {r:.3f} [{lo:.3f}, {hi:.3f}]")
+    say(f"- outputs differing from the target's greedy output: {mismatches}")
 
 
 def _shape(ap, text: str) -> tuple[str, str]:

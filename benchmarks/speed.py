@@ -3,8 +3,8 @@
 Greedy, batch 1, on Spec-Bench prompts (first turn), per category. For every prompt all methods run back to back
 (interleaved, so that machine noise hits them alike; with ``--repeats R``, R such rounds and each method's fastest
 kept); tokens/s are reported as ratios to plain greedy decoding with transformers' ``generate`` measured in the same
-run. Every greedy method must produce the same text; the
-script checks it.
+run. Every greedy method must produce the same text; the script checks it. The report is printed and written to
+``benchmarks/results/speed-<date>-<commit>.md`` with the command and the machine (``benchmarks/results.py``).
 
     python benchmarks/speed.py --per-category 2 --max-new-tokens 64
 
@@ -26,12 +26,15 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
+import transformers
+from results import Report  # benchmarks/results.py, beside this script
 
-from specert.decoding import generate
-from specert.drafters import drafter_from_spec
-from specert.models import encode_prompt, forward_features, keep_cache, load_model, new_cache
-from specert.prompts import load_prompts
-from specert.schedules import FixedSchedule
+from specert.decoding.forward import forward_features, keep_cache, new_cache
+from specert.decoding.loop import generate
+from specert.decoding.models import encode_prompt, load_model
+from specert.decoding.schedules import FixedSchedule
+from specert.drafters.spec import drafter_from_spec
+from specert.study.prompts import load_prompts
 
 SPEC_BENCH = Path(__file__).resolve().parents[2] / "shared" / "data" / "spec_bench" / "question.jsonl"
 
@@ -68,6 +71,9 @@ def main():
     ap.add_argument("--head-shape", action="append", default=[],
                     help="also run each head with this shape (repeatable), e.g. k=3 or tree=2,1")
     args = ap.parse_args()
+    report = Report("speed")  # the load average before the run
+    report.versions.update(torch=f"{torch.__version__} ({torch.get_num_threads()} threads)",
+                           transformers=transformers.__version__)
     embedded = args.target == "smollm2-135m"
     heads = args.head if args.head is not None else (["head"] if embedded else [])
     heads = [h for h in heads if h != "none"]
@@ -145,11 +151,13 @@ def main():
                 mismatches += tokens[:n] != ref[:n]
         print(f"done {cat}", flush=True)
     names = list(methods)
-    print(f"\ntarget {args.target}, {args.per_category} prompts per category, {args.max_new_tokens} new tokens, "
-          f"fastest of {args.repeats} round(s), "
-          f"k={args.k}, {torch.get_num_threads()} threads; tokens/s relative to 'hf greedy' in the same run")
-    print("| category | hf greedy tok/s | " + " | ".join(names[1:]) + " |")
-    print("|---|---:|" + "---:|" * (len(names) - 1))
+    say = report.print
+    say(f"target {args.target}, {args.per_category} prompts per category, {args.max_new_tokens} new tokens, "
+        f"fastest of {args.repeats} round(s), k={args.k}, {torch.get_num_threads()} threads; tokens/s relative to "
+        "'hf greedy' in the same run")
+    say()
+    say("| category | hf greedy tok/s | " + " | ".join(names[1:]) + " |")
+    say("|---|---:|" + "---:|" * (len(names) - 1))
     totals = defaultdict(lambda: [0, 0.0])
     for cat in by_cat:
         base = rates[cat]["hf greedy"][0] / rates[cat]["hf greedy"][1]
@@ -160,26 +168,27 @@ def main():
         for name in names:
             totals[name][0] += rates[cat][name][0]
             totals[name][1] += rates[cat][name][1]
-        print(f"| {cat} | {base:.1f} | " + " | ".join(cells) + " |")
+        say(f"| {cat} | {base:.1f} | " + " | ".join(cells) + " |")
     base = totals["hf greedy"][0] / totals["hf greedy"][1]
-    print(f"| **all** | {base:.1f} | " + " | ".join(f"{totals[n][0] / totals[n][1] / base:.2f}x" for n in names[1:])
-          + " |")
+    say(f"| **all** | {base:.1f} | " + " | ".join(f"{totals[n][0] / totals[n][1] / base:.2f}x" for n in names[1:])
+        + " |")
+    say()
     for name, values in mal.items():
         c = counts[name]
         line = (f"{name}: mean acceptance length {sum(values) / len(values):.2f}, "
                 f"draft acceptance rate {c['accepted'] / max(1, c['drafted']):.1%}")
         if c["traced"]:
             line += f", certified positions {c['certified'] / c['traced']:.1%}"
-        print(line)
-    print(f"outputs differing from hf greedy: {mismatches}")
+        say(f"- {line}")
+    say(f"- outputs differing from hf greedy: {mismatches}")
     ids = encode_prompt(target, next(iter(by_cat.values()))[0].text)
     rel = forward_times(target, ids)
-    print("target forward of n tokens relative to 1 token: " + ", ".join(f"{n}: {r:.2f}" for n, r in rel.items()))
+    say("- target forward of n tokens relative to 1 token: " + ", ".join(f"{n}: {r:.2f}" for n, r in rel.items()))
     for spec, drafter in drafters.items():
         k = args.model_k if spec in model_drafters else args.k
-        print(f"cost of one drafted token relative to one target forward, {spec} (chain of {k}): "
-              f"{drafter_cost(target, drafter, ids, k):.3f}")
-
+        say(f"- cost of one drafted token relative to one target forward, {spec} (chain of {k}): "
+            f"{drafter_cost(target, drafter, ids, k):.3f}")
+    report.write()
 
 def forward_times(target, ids, sizes=(1, 2, 3, 4, 5, 6, 8, 12, 16), repeats: int = 7) -> dict:
     """Median time of one target forward of n tokens after the same context, relative to n = 1 (same run)."""

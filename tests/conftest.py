@@ -12,7 +12,7 @@ def rng():
 @pytest.fixture(scope="session")
 def embedded():
     """The embedded SmolLM2-135M, loaded once for the whole test session (about 15-25 s)."""
-    from specert.models import load_model
+    from specert.decoding.models import load_model
 
     return load_model("smollm2-135m")
 
@@ -26,7 +26,7 @@ def tiny_chat_dir(tmp_path_factory):
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from specert.models import embedded_gguf_path
+    from specert.decoding.models import embedded_gguf_path
 
     path = embedded_gguf_path()
     tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
@@ -39,3 +39,15 @@ def tiny_chat_dir(tmp_path_factory):
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def vllm_url():
+    """A real vLLM server of the embedded model (float32, every token's log-probability allowed) for the whole test
+    session; its URL. Without vLLM installed (scripts/install-vllm.sh) the tests that need it are skipped, unless
+    SPECERT_REQUIRE_VLLM is set (CI), where they fail."""
+    from vllm_server import embedded_hf_folder, require_vllm, vllm_server
+
+    require_vllm()
+    with vllm_server(embedded_hf_folder(), ["--served-model-name", "smollm2", "--max-logprobs", "-1"]) as url:
+        yield url

@@ -9,7 +9,7 @@ import math
 import numpy as np
 from scipy.optimize import minimize
 
-from specert.rules import Additive, AllOf, AnyOf, Multiplicative, TopM, Tree, Typical
+from specert.theory.rules import Additive, AllOf, AnyOf, Multiplicative, TopM, Tree, Typical
 
 
 def random_logits(rng: np.random.Generator, vocab: int) -> np.ndarray:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from specert.trace import SpecDecodeMetrics
+from specert.decoding.trace import SpecDecodeMetrics
 
 BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "adaptive.py"
 spec = importlib.util.spec_from_file_location("adaptive", BENCHMARK)

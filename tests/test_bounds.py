@@ -8,7 +8,7 @@ import torch
 
 import specert
 from reference import random_logits
-from specert.bounds import kl2, tree_lower_bound, tree_upper_bound
+from specert.theory.bounds import kl2, tree_lower_bound, tree_upper_bound
 
 
 def _logits(p):
@@ -47,7 +47,8 @@ def test_greedy_bounds_attained():
 
 
 def _tree_minimiser(g, m):
-    """THEORY's lower-bound distribution, built independently of specert.bounds from its stationarity condition."""
+    """THEORY's lower-bound distribution, built independently of specert.theory.bounds from its stationarity
+    condition."""
     from scipy.optimize import brentq
 
     if m == 1:

@@ -1,6 +1,7 @@
 """Certificates against brute force, soundness, tightness, universal bounds and edge cases (THEORY.md 2-4, 7)."""
 
 import math
+import zlib
 
 import numpy as np
 import pytest
@@ -9,8 +10,9 @@ import torch
 import reference
 import specert
 from reference import random_logits
-from specert.rules import Tree, rule
+from specert.theory.rules import Tree, rule
 
+CASES = 300  # random distributions per brute-force check
 BRUTE_RULES = [
     "greedy",
     "additive:0.1",
@@ -26,15 +28,15 @@ BRUTE_RULES = [
     "tree:2",
     "tree:3",
 ]
-CASES = 300
 
 
+@pytest.mark.parametrize("cases", [30, pytest.param(300, marks=pytest.mark.slow)])
 @pytest.mark.parametrize("spec", BRUTE_RULES)
-def test_certificate_equals_brute_force(spec):
+def test_certificate_equals_brute_force(spec, cases):
     r = rule(spec)
-    rng = np.random.default_rng(abs(hash(spec)) % 2**32)
+    rng = np.random.default_rng([zlib.crc32(spec.encode()), cases])
     checked = 0
-    while checked < CASES:
+    while checked < cases:
         vocab = int(rng.integers(max(2, getattr(r, "m", 1) + 1, 3 if "topm:2" in spec else 2), 6))
         x = random_logits(rng, vocab)
         if isinstance(r, Tree) and r.m >= vocab:
@@ -66,7 +68,7 @@ def test_drafter_certificate_closed_form_for_one_candidate_matches_the_group_con
     full-size vocabularies, float32 and float64, ties at the top and at the second place, a concentrated drafter
     (the far branch), masked tokens, and one token of non-zero mass; eager (numpy) and as a compiled graph computes
     it (torch ops)."""
-    from specert.certificates import _drafter_certificate_group, top1_certificates
+    from specert.theory.certificates import _drafter_certificate_group, top1_certificates
 
     def in_a_graph(logits):
         with monkeypatch.context() as m:
@@ -201,16 +203,16 @@ class TestEdgeCases:
     def test_point_mass_and_masked_tokens(self):
         x = torch.tensor([0.0, -math.inf, -math.inf, -math.inf])
         assert float(specert.certificate(x, "greedy")) == pytest.approx(math.log(2), rel=1e-5)
-        # additive with a huge t accepts every token of non-zero probability; masked tokens stay rejected
-        assert float(specert.certificate(x, "additive:5")) == pytest.approx(math.log(2), rel=1e-5)
+        # additive with t near 1 accepts every token of non-zero probability here; masked tokens stay rejected
+        assert float(specert.certificate(x, "additive:0.99")) == pytest.approx(math.log(2), rel=1e-5)
         y = torch.tensor([0.0, 0.1, -math.inf])
-        assert math.isfinite(float(specert.certificate(y, "additive:5")))
-        assert math.isinf(float(specert.certificate(torch.tensor([0.0, 0.1]), "additive:5")))
+        assert math.isfinite(float(specert.certificate(y, "additive:0.99")))
+        assert math.isinf(float(specert.certificate(torch.tensor([0.0, 0.1]), "additive:0.99")))
 
     def test_masked_drafter_token_is_rejected(self):
         target = torch.tensor([1.0, 0.0, -math.inf])
         draft = torch.tensor([0.0, 0.0, 5.0])
-        assert not bool(specert.accepts(target, draft, "additive:5"))
+        assert not bool(specert.accepts(target, draft, "additive:0.99"))
 
     @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
     def test_low_precision_inputs(self, dtype, rng):

@@ -6,11 +6,14 @@ import json
 import pytest
 import torch
 
-from specert.decoding import generate
-from specert.distill import DistillConfig, _depth_mask, held_out_report, load_cache, new_head, run_distill, unrolled
-from specert.drafters import HeadDrafter, drafter_from_spec
-from specert.head import load_head, save_head
-from specert.models import load_model
+from specert.decoding.loop import generate
+from specert.decoding.models import load_model
+from specert.drafters.head import HeadDrafter, load_head, save_head
+from specert.drafters.spec import drafter_from_spec
+from specert.train.config import DistillConfig
+from specert.train.data import Texts, build_cache, load_cache, prepare
+from specert.train.objectives import REACHABLE_TAU, depth_mask, head_losses, unrolled
+from specert.train.training import held_out_report, new_head, run_distill, train
 from tiny import tiny_model
 
 CHATS = [
@@ -56,12 +59,11 @@ def test_distillation_lowers_held_out_kl(trained, tiny_chat_dir):
 def test_self_distillation_texts_are_the_targets_greedy_answers(tiny_chat_dir, chats, tmp_path):
     """answers="target": each text is a first user turn through the chat template followed by the target's own
     greedy answer (as the decoder produces it), cut at max_tokens; a lost answers part is regenerated identically."""
-    import specert.distill as distill
-    from specert.models import encode_prompt
+    from specert.decoding.models import encode_prompt
 
     cfg = small_config(tiny_chat_dir, chats, answers="target", texts=8, held_out=2, max_tokens=96)
     loaded = load_model(str(tiny_chat_dir))
-    meta = distill.prepare(cfg, loaded, tmp_path, progress=False)
+    meta = prepare(cfg, loaded, tmp_path, progress=False)
     texts = meta["held_out"] + meta["train"]
     assert len(texts) == 10 and all(len(t) <= 96 for t in texts)
     firsts = {tuple(encode_prompt(loaded, c[:1])) for c in CHATS}
@@ -73,31 +75,33 @@ def test_self_distillation_texts_are_the_targets_greedy_answers(tiny_chat_dir, c
     kept = parts[0].read_text()
     parts[0].unlink()
     (tmp_path / "meta.json").unlink()
-    assert distill.prepare(cfg, loaded, tmp_path, progress=False) == meta
+    assert prepare(cfg, loaded, tmp_path, progress=False) == meta
     assert parts[0].read_text() == kept
     with pytest.raises(ValueError, match="answers must be one of"):
         small_config(tiny_chat_dir, chats, answers="model").validate()
 
 
-def test_training_resumes_exactly(tiny_chat_dir, chats, tmp_path, monkeypatch):
-    import specert.distill as distill
+class Interrupted(Texts):
+    """Training texts whose 7th batch is never read: a run stopped by Ctrl-C during its 7th step."""
 
-    full = tmp_path / "full"
-    run_distill(small_config(tiny_chat_dir, chats, steps=12, save_every=4), full, full / "h.safetensors", False)
-    cut = tmp_path / "cut"
-    original, calls = distill.losses, []
-
-    def interrupted(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 7:  # after 6 steps, 4 of them checkpointed
+    def batch(self, which):
+        self.read = getattr(self, "read", 0) + 1
+        if self.read == 7:
             raise KeyboardInterrupt
-        return original(*args, **kwargs)
+        return super().batch(which)
 
-    monkeypatch.setattr(distill, "losses", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        run_distill(small_config(tiny_chat_dir, chats, steps=12, save_every=4), cut, cut / "h.safetensors", False)
+
+def test_training_resumes_exactly(tiny_chat_dir, chats, tmp_path):
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    cfg = small_config(tiny_chat_dir, chats, steps=12, save_every=4)
+    run_distill(cfg, full, full / "h.safetensors", False)  # validates cfg and fills in its feature layers
+    target = load_model(str(tiny_chat_dir))
+    meta = prepare(cfg, target, cut, progress=False)
+    build_cache(cfg, target, meta, cut, progress=False)
+    texts, _ = load_cache(meta, cut)
+    with pytest.raises(KeyboardInterrupt):  # after 6 steps, 4 of them checkpointed
+        train(cfg, target, meta, Interrupted(texts.fields, texts.offsets, texts.lengths), cut, progress=False)
     assert torch.load(cut / "certified" / "checkpoint.pt", weights_only=False)["step"] == 4
-    monkeypatch.setattr(distill, "losses", original)
     run_distill(small_config(tiny_chat_dir, chats, steps=12, save_every=4), cut, cut / "h.safetensors", False)
     target = load_model(str(tiny_chat_dir))
     a, b = load_head(full / "h.safetensors", target), load_head(cut / "h.safetensors", target)
@@ -119,8 +123,6 @@ def test_certificate_terms_of_the_objectives(trained):
     """certified adds lambda * mean relu(KL - C_p); reachable adds lambda * mean sigmoid(log(KL / C_p) / tau)."""
     from dataclasses import replace
 
-    from specert.distill import REACHABLE_TAU, losses
-
     cfg, work, _ = trained
     meta = json.loads((work / "meta.json").read_text())
     train_texts, _ = load_cache(meta, work)
@@ -129,12 +131,12 @@ def test_certificate_terms_of_the_objectives(trained):
     one = replace(cfg, depths=1, hinge=3.0)
     cert = batch["certificate"][:, 1:][batch["valid"][:, 1:]].double()
     with torch.no_grad():
-        plain = losses(head, batch, replace(one, objective="kl"))
+        plain = head_losses(head, batch, replace(one, objective="kl"))
         kl = plain["kl_entries"].double()
         assert float(plain["loss"]) == pytest.approx(float(kl.mean()), rel=1e-5)
-        hinge = losses(head, batch, replace(one, objective="certified"))["loss"] - plain["loss"]
+        hinge = head_losses(head, batch, replace(one, objective="certified"))["loss"] - plain["loss"]
         assert float(hinge) == pytest.approx(3.0 * float((kl - cert).clamp(min=0).mean()), rel=1e-4, abs=1e-6)
-        soft = losses(head, batch, replace(one, objective="reachable"))["loss"] - plain["loss"]
+        soft = head_losses(head, batch, replace(one, objective="reachable"))["loss"] - plain["loss"]
         expected = torch.sigmoid((kl.log() - cert.clamp(min=1e-12).log()) / REACHABLE_TAU).mean()
         assert float(soft) == pytest.approx(3.0 * float(expected), rel=1e-4, abs=1e-6)
     assert 0 < float(expected) < 1
@@ -167,7 +169,7 @@ def test_head_proposal_matches_teacher_forcing_and_training_passes(trained, tiny
         out = target.model(torch.tensor([seq]), output_hidden_states=True)
     states = torch.cat([out.hidden_states[i][0] for i in head.cfg.feature_layers], -1)  # [T, nl * H]
     scored = drafter.score(seq, states)  # row t predicts token t+1
-    from specert.schedules import FixedSchedule
+    from specert.decoding.schedules import FixedSchedule
 
     for n in (2, 5, 8):  # context seq[:n + 1]: the target holds n states
         drafter.target_ran(0, states[:n])
@@ -188,7 +190,7 @@ def test_head_certificate_from_its_small_logits(trained, tiny_chat_dir):
     """The head's D_q(1) from its [S + 1] small logits is that of its distribution over the whole vocabulary
     whenever each of the rest's tokens is below its two largest draft logits (even when the rest's mass is not), and
     is left to the caller (None) otherwise."""
-    from specert.certificates import top1_certificates
+    from specert.theory.certificates import top1_certificates
 
     _, work, _ = trained
     head = load_head(work / "head.safetensors", load_model(str(tiny_chat_dir)))
@@ -211,7 +213,7 @@ def test_head_certificate_from_its_small_logits(trained, tiny_chat_dir):
 
 
 def test_depth_mask():
-    m = _depth_mask(4, 2).int().tolist()  # query t sees real keys s <= t - 1 and its own pass-2 key
+    m = depth_mask(4, 2).int().tolist()  # query t sees real keys s <= t - 1 and its own pass-2 key
     assert m == [[0, 0, 0, 0, 1, 0, 0, 0], [1, 0, 0, 0, 0, 1, 0, 0], [1, 1, 0, 0, 0, 0, 1, 0],
                  [1, 1, 1, 0, 0, 0, 0, 1]]
 
@@ -237,7 +239,7 @@ def test_head_for_another_target_is_refused(trained, tiny_chat_dir, tmp_path):
 
 
 def test_eval_teacher_forces_a_head(trained, tiny_chat_dir):
-    from specert.evaluation import EvalConfig, drafter_part
+    from specert.study.evaluation import EvalConfig, drafter_part
 
     _, work, _ = trained
     target = load_model(str(tiny_chat_dir))
@@ -262,7 +264,7 @@ def test_distill_cli(trained, tiny_chat_dir, chats):
     assert res.exit_code == 0, res.output
     assert "held-out depth 2: agreement" in res.output and (work / "cli.safetensors").is_file()
     for extra, message in [(["--layers", "a,b"], "--layers takes comma-separated"),
-                           (["--depths", "0"], "depths must be >= 1"),
+                           (["--depths", "0"], "Invalid value for '--depths': 0 is not in the range x>=1"),
                            (["--data", str(work / "none.jsonl")], "no such training text file")]:
         res = CliRunner().invoke(main, [*args[:-4], "--work", str(work / "other"), *extra])
         assert res.exit_code != 0 and message in res.output, (extra, res.output)

@@ -50,7 +50,7 @@ def test_stochastic_acceptance_and_pinsker(rng):
 def test_kl_near_a_threshold_is_float64_where_the_side_matters():
     """The schedules' fast KL: float32 away from the threshold (within 1e-5 of float64 here), float64's exact value
     near it and off the finite numbers."""
-    from specert.divergence import kl, kl_near
+    from specert.theory.divergence import kl, kl_near
 
     g = torch.Generator().manual_seed(0)
     target = torch.randn(12, 49152, generator=g) * 3

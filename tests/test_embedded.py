@@ -4,10 +4,12 @@ import pytest
 from click.testing import CliRunner
 
 from specert.cli import main
-from specert.decoding import generate
-from specert.drafters import drafter_from_spec
-from specert.models import encode_prompt
-from specert.trace import SpecDecodeMetrics
+from specert.decoding.loop import generate
+from specert.decoding.models import encode_prompt
+from specert.decoding.trace import SpecDecodeMetrics
+from specert.drafters.spec import drafter_from_spec
+
+pytestmark = pytest.mark.slow  # the embedded model, loaded once for the session
 
 
 def test_chat_template_and_context(embedded):
@@ -33,7 +35,7 @@ def test_greedy_speculative_output_is_the_targets_own(embedded):
 
 
 def test_shipped_head_is_small_trained_and_exact(embedded):
-    from specert.head import shipped_head
+    from specert.drafters.head import shipped_head
 
     assert shipped_head(embedded).stat().st_size <= 20 * 2**20
     ids = encode_prompt(embedded, "Explain in two sentences why the sky is blue.")
@@ -75,7 +77,7 @@ def test_generate_cli(embedded, tmp_path):
 
 
 def test_shipped_pruned_drafter_is_small_trained_and_exact(embedded):
-    from specert.pruned import load_pruned, shipped_pruned
+    from specert.drafters.pruned import load_pruned, shipped_pruned
 
     path = shipped_pruned(embedded)
     assert path.stat().st_size <= 20 * 2**20

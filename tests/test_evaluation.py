@@ -13,8 +13,8 @@ from click.testing import CliRunner
 
 from conftest import SPEC_BENCH
 from specert.cli import main
-from specert.evaluation import EvalConfig, run_eval
-from specert.report import certified_run_length
+from specert.study.evaluation import EvalConfig, run_eval
+from specert.study.report import certified_run_length
 
 
 def test_certified_run_length():
@@ -62,6 +62,7 @@ def _parts(folder):
     return {p.name: p.stat().st_mtime_ns for p in (folder / "steps").glob("part-*.parquet")}
 
 
+@pytest.mark.slow  # a real process, killed mid-run
 def test_interrupted_run_resumes_without_recomputing(tiny_chat_dir, tmp_path):
     out = tmp_path / "killed"
     args = [sys.executable, "-m", "specert.cli", "eval", "--target", str(tiny_chat_dir), "--prompts", str(SPEC_BENCH),
@@ -100,7 +101,7 @@ def test_resume_with_other_settings_is_refused(tiny_chat_dir, tmp_path):
         run_eval(cfg, tmp_path / "o", progress=False)
 
 
-@pytest.mark.parametrize("args, message", [(["--steps", "0"], "steps must be >= 1"),
+@pytest.mark.parametrize("args, message", [(["--steps", "0"], "'--steps': 0 is not in the range x>=1"),
                                            (["--rule", "nope"], "unknown rule"),
                                            (["--drafter", "x:1"], "unknown drafter spec"),
                                            (["--prompts", "/no/file.jsonl"], "no such prompt file")])
@@ -109,12 +110,12 @@ def test_eval_cli_errors(args, message, tmp_path):
     assert res.exit_code != 0 and message in res.output and "Traceback" not in res.output
 
 
-def test_decoding_runs_side_by_side_in_rotated_order_and_resumes_per_prompt(tiny_chat_dir, tmp_path, monkeypatch):
-    import specert.evaluation as ev
-    from specert.decoding import generate
-    from specert.drafters import drafter_from_spec
-    from specert.models import encode_prompt, load_model
-    from specert.trace import SpecDecodeMetrics
+def test_decoding_runs_side_by_side_in_seeded_random_order_and_resumes_per_prompt(tiny_chat_dir, tmp_path, monkeypatch):
+    import specert.study.side_by_side as ev
+    from specert.decoding.loop import generate
+    from specert.decoding.models import encode_prompt, load_model
+    from specert.decoding.trace import SpecDecodeMetrics
+    from specert.drafters.spec import drafter_from_spec
 
     loaded = load_model(str(tiny_chat_dir))
     encoded = {i: encode_prompt(loaded, text) for i, text in enumerate(["one two", "three four five", "six"])}
@@ -134,8 +135,16 @@ def test_decoding_runs_side_by_side_in_rotated_order_and_resumes_per_prompt(tiny
     monkeypatch.setattr(ev, "decode_prompt", spy)
     out = ev.decode_side_by_side(loaded, jobs, encoded, greedy, [0, 1, 2], 6, tmp_path / "parts", progress=False)
     names = [name for name, _ in runs]
-    assert names == ["target", "a", "b", "a", "b", "target", "b", "target", "a"]  # rotated by one per prompt
-    assert [ids for _, ids in runs[::3]] == [encoded[0], encoded[1], encoded[2]]
+    for p in range(3):  # prompt by prompt, each prompt's jobs in an order of its own
+        assert sorted(names[3 * p : 3 * p + 3]) == ["a", "b", "target"]
+        assert all(ids == encoded[p] for _, ids in runs[3 * p : 3 * p + 3])
+    orders = {}
+    for seed in (0, 0, 1):  # the orders are drawn from the seed and the prompt: a resumed run draws the same
+        runs.clear()
+        histories.clear()
+        ev.decode_side_by_side(loaded, jobs, encoded, greedy, [0, 1, 2], 2, None, progress=False, seed=seed)
+        orders.setdefault(seed, []).append([name for name, _ in runs])
+    assert orders[0][0] == orders[0][1] == names and orders[1][0] != names
     assert histories["a"] is not histories["b"]
     # a job's result is its prompts' counts combined: as if one summary had observed every generation
     ngram.history = None

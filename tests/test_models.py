@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from specert.decoding import generate
-from specert.drafters import drafter_from_spec
-from specert.models import encode_prompt, load_model
+from specert.decoding.loop import generate
+from specert.decoding.models import encode_prompt, load_model
+from specert.drafters.spec import drafter_from_spec
 from tiny import tiny_model
 
 
@@ -55,7 +55,7 @@ def test_text_prompt_needs_a_tokenizer():
 
 def test_batched_greedy_equals_one_prompt_at_a_time():
     """Left padding and prompts leaving the batch at their EOS change nothing: each row is that prompt's greedy."""
-    from specert.models import batched_greedy
+    from specert.decoding.forward import batched_greedy
 
     probe = tiny_model()
     prompts = [[5, 17, 30], [9, 2, 44, 81, 120, 7], [200], [33, 34, 35, 36]]
@@ -72,11 +72,12 @@ def test_batched_greedy_equals_one_prompt_at_a_time():
 
 
 def test_linear_is_the_modules_product_in_either_layout():
-    """:func:`specert.models.linear` computes ``x W^T + b`` as ``(W x^T)^T + b`` for float32 Linear layers (one row
-    doubled) when told to, for any leading shape, and as the module does otherwise; other modules and dtypes run
+    """:func:`specert.decoding.forward.linear` computes ``x W^T + b`` as ``(W x^T)^T + b`` for float32 Linear
+    layers (one row doubled) when told to, for any leading shape, and as the module does otherwise; other modules
+    and dtypes run
     through their own forward."""
-    from specert.models import linear
-    from specert.quantized import quantized_copy
+    from specert.decoding.forward import linear
+    from specert.decoding.quantized import quantized_copy
 
     torch.manual_seed(0)
     layer = torch.nn.Linear(64, 48)
@@ -99,9 +100,10 @@ def test_linear_is_the_modules_product_in_either_layout():
 
 
 def test_choose_layout_takes_the_faster_layout(monkeypatch):
-    """:func:`specert.models.choose_layout` makes :func:`~specert.models.linear` use whichever layout its clock
-    timed faster (a fake clock here: each product advances it by what its layout is made to cost)."""
-    import specert.models as models
+    """:func:`specert.decoding.forward.choose_layout` records on the model whichever layout of
+    :func:`~specert.decoding.forward.linear` its clock timed faster (a fake clock here: each product advances it by
+    what its layout is made to cost)."""
+    import specert.decoding.forward as models
 
     model = torch.nn.Sequential(torch.nn.Linear(64, 48), torch.nn.Linear(48, 32))
     now, cost = [0.0], {}
@@ -112,8 +114,7 @@ def test_choose_layout_takes_the_faster_layout(monkeypatch):
         return product(weight, rows, columns)
 
     monkeypatch.setattr(models, "_product", timed)
-    monkeypatch.setattr(models, "_COLUMNS", models._COLUMNS)  # restored after the test
     for costs, want in (({False: 2.0, True: 1.0}, True), ({False: 1.0, True: 2.0}, False)):
         cost.update(costs)
         assert models.choose_layout(model, clock=lambda: now[0]) is want
-        assert models._COLUMNS is want
+        assert models.layout(model) is want

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from conftest import SPEC_BENCH
-from specert.prompts import load_prompts
+from specert.study.prompts import load_prompts
 
 
 def test_sharegpt_sample_is_deterministic():
@@ -45,7 +45,7 @@ def test_missing_file():
 
 
 def test_training_chats(tmp_path):
-    from specert.prompts import training_chats
+    from specert.study.prompts import training_chats
 
     path = tmp_path / "t.jsonl"
     path.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n\n'

@@ -6,11 +6,14 @@ import json
 import pytest
 import torch
 
-from specert.distill import held_out_report, load_cache, run_distill
-from specert.drafters import ModelDrafter, drafter_from_spec
-from specert.models import load_model
-from specert.pruned import block_influence, layers_to_keep, load_pruned, student
-from specert.quantized import fake_int4, int4_grid
+from specert.decoding.models import load_model
+from specert.decoding.quantized import fake_int4, int4_grid
+from specert.drafters.model import ModelDrafter
+from specert.drafters.pruned import load_pruned, student
+from specert.drafters.spec import drafter_from_spec
+from specert.train.data import load_cache
+from specert.train.pruning import block_influence, layers_to_keep
+from specert.train.training import held_out_report, run_distill
 from test_distill import assert_decodes_losslessly, chats, small_config  # noqa: F401 (chats: a fixture)
 from tiny import tiny_model
 
@@ -123,4 +126,5 @@ def test_distill_cli_pruned(pruned, tiny_chat_dir, chats):  # noqa: F811
     assert "keeps layers" in res.output and "held-out depth 1: agreement" in res.output
     assert "held-out depth 2" not in res.output and f"--drafter pruned:{work / 'cli.safetensors'}" in res.output
     res = CliRunner().invoke(main, [*args[:-4], "--drop", "3", "--work", str(work / "other")])
-    assert res.exit_code != 0 and "drop must be between 1 and 2" in res.output and "Traceback" not in res.output
+    assert res.exit_code != 0 and "drop must be smaller than the target's 3 layers, got 3" in res.output
+    assert "Traceback" not in res.output

@@ -1,12 +1,13 @@
-"""Weight-only quantized copies of a model (specert.quantized): the grids, the shared weights, the drafters."""
+"""Weight-only quantized copies of a model (specert.decoding.quantized): the grids, the shared weights, the drafters."""
 
 import pytest
 import torch
 
-from specert.decoding import generate
-from specert.drafters import drafter_from_spec
-from specert.models import encode_prompt, forward, new_cache
-from specert.quantized import PREFILL_ROWS, Int4Linear, Int8Linear, quantized_copy
+from specert.decoding.forward import forward, new_cache
+from specert.decoding.loop import generate
+from specert.decoding.models import encode_prompt
+from specert.decoding.quantized import PREFILL_ROWS, Int4Linear, Int8Linear, quantized_copy
+from specert.drafters.spec import drafter_from_spec
 from tiny import tiny_model
 
 
@@ -106,6 +107,7 @@ def test_the_drafter_starts_from_the_targets_prompt_cache():
         assert torch.equal(mine.keys[..., : len(prompt) - 1, :], theirs.keys)
 
 
+@pytest.mark.slow
 def test_int4_copy_of_the_embedded_model_is_close_and_exact_where_it_decodes(embedded):
     """The embedded GGUF's decoder layers are Q4_1: the int4 copy holds their exact grid, so only bfloat16
     activations and the int8 LM head separate it from the target (measured: 96.7% greedy agreement)."""

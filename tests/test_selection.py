@@ -9,7 +9,7 @@ from click.testing import CliRunner
 
 from conftest import SPEC_BENCH
 from specert.cli import main
-from specert.selection import SelectConfig, run_select
+from specert.study.selection import SelectConfig, run_select
 
 
 def test_select_recommends_a_configuration_generate_accepts(tiny_chat_dir, tmp_path):

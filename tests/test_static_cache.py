@@ -1,26 +1,24 @@
-"""The drafter's step over a static KV cache, eager and compiled (specert.static_cache)."""
+"""The drafter's step over a static KV cache, eager and compiled (specert.decoding.static_cache)."""
 
 import pytest
 import torch
 
-import specert.schedules as schedules
-import specert.static_cache as static_cache
-from specert.certificates import drafter_certificate
-from specert.decoding import generate
-from specert.drafters import check_drafter_spec, drafter_from_spec
-from specert.models import forward, keep_cache, new_cache
-from specert.static_cache import StaticCache
+import specert.decoding.schedules as schedules
+from specert.decoding.forward import forward, keep_cache, new_cache
+from specert.decoding.loop import generate
+from specert.decoding.static_cache import StaticCache
+from specert.drafters.spec import check_drafter_spec, drafter_from_spec
+from specert.theory.certificates import drafter_certificate
 from tiny import tiny_model
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
-def test_static_cache_runs_like_the_dynamic_cache(arch, monkeypatch):
+def test_static_cache_runs_like_the_dynamic_cache(arch):
     """Run eagerly, the static layout gives transformers' cache's logits: a prompt, steps of 1-3 tokens past its
     first capacity (it grows), a crop to an accepted prefix, a tree level (shared positions, ancestor mask) and a
     kept tree path moved into place."""
-    monkeypatch.setattr(static_cache, "_compiled_step", lambda: static_cache._step)
     model = tiny_model(arch, seed=3).model
-    static, dynamic = StaticCache(model, capacity=16), new_cache(model)
+    static, dynamic = StaticCache(model, capacity=16), new_cache(model)  # its default step: eager
 
     def same(tokens, positions=None, attend=None):
         got = static.forward(tokens, positions, attend)
@@ -83,13 +81,13 @@ def test_compiled_takes_model_drafters_only(spec):
         check_drafter_spec(spec)
 
 
-def test_a_failed_compilation_says_what_to_do(monkeypatch):
+def test_a_failed_compilation_says_what_to_do():
     def broken(*args):
         raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found")
 
-    monkeypatch.setattr(static_cache, "_compiled_step", lambda: broken)
+    static = StaticCache(tiny_model("llama", seed=0).model, step=broken)  # a step that fails as inductor would
     with pytest.raises(ValueError, match="C\\+\\+ compiler.*drop 'compiled:'"):
-        drafter_from_spec("compiled:int4", tiny_model("llama", seed=0))
+        static.warm_up()
 
 
 def test_compiled_cache_grows_without_compiling_again():

@@ -1,50 +1,92 @@
-"""Reading logits saved by other tools: .npy, .pt and .safetensors."""
+"""Writing files atomically: a reader, or a rerun after an interruption, finds the old file or the new, never half.
+
+Every file specert writes (reports, run folders, traces, trained drafters, checkpoints) goes through
+:func:`atomic_path`: the content is written to a hidden temporary file beside its destination, which then replaces
+the destination in one ``os.replace``. A failure leaves the destination as it was and removes the temporary file.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
-import torch
 
-SUFFIXES = (".npy", ".pt", ".pth", ".safetensors")
+@contextlib.contextmanager
+def atomic_path(path) -> Iterator[Path]:
+    """A temporary path beside ``path`` to write to (a file, or a folder the block creates); on leaving the block
+    without an error it replaces ``path``.
 
-
-def _one_tensor(tensors: dict, path: Path):
-    if "logits" in tensors:
-        return tensors["logits"]
-    if len(tensors) == 1:
-        return next(iter(tensors.values()))
-    raise ValueError(f"{path} holds several tensors ({', '.join(sorted(tensors))}); name the logits 'logits'")
-
-
-def load_logits(path) -> torch.Tensor:
-    """Load logits ``[..., V]`` from a .npy, .pt/.pth (a tensor, or a dict with one tensor or a ``logits`` key)
-    or .safetensors file (one tensor, or one named ``logits``). Raises ``ValueError`` saying what is wrong."""
+    >>> import tempfile
+    >>> folder = Path(tempfile.mkdtemp())
+    >>> with atomic_path(folder / "a.txt") as tmp:
+    ...     _ = tmp.write_text("done")
+    >>> (folder / "a.txt").read_text(), sorted(p.name for p in folder.iterdir())
+    ('done', ['a.txt'])
+    """
     path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"no such file: {path}")
-    suffix = path.suffix.lower()
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    _remove(tmp)  # left by an earlier process of the same id
     try:
-        if suffix == ".npy":
-            x = torch.from_numpy(np.load(path, allow_pickle=False))
-        elif suffix in (".pt", ".pth"):
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-            x = _one_tensor(obj, path) if isinstance(obj, dict) else obj
-        elif suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            x = _one_tensor(load_file(path), path)
+        yield tmp
+        if tmp.is_dir() and path.is_dir():  # a folder replaces a folder: the old one is moved aside first
+            old = path.with_name(f".{path.name}.{os.getpid()}.old")
+            _remove(old)
+            os.replace(path, old)
+            os.replace(tmp, path)
+            _remove(old)
         else:
-            raise ValueError(f"{path}: unknown file type {suffix!r}; use one of {', '.join(SUFFIXES)}")
-    except ValueError:
-        raise
-    except Exception as e:  # a corrupt or foreign file: say which, not where deep inside the loader it broke
-        raise ValueError(f"could not read logits from {path}: {e}") from None
-    if not isinstance(x, torch.Tensor):
-        raise ValueError(f"{path} does not hold a tensor of logits (found {type(x).__name__})")
-    if x.ndim == 0 or not x.is_floating_point():
-        raise ValueError(
-            f"{path}: logits must be a floating-point array of shape [..., V], got {x.dtype} {list(x.shape)}"
-        )
-    return x
+            os.replace(tmp, path)
+    finally:
+        _remove(tmp)
+
+
+def _remove(path: Path) -> None:
+    """Remove a file or a folder if it exists."""
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+def write_text(path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def write_json(path, obj, indent: int | None = 1) -> None:
+    """Write ``obj`` as JSON to ``path`` atomically."""
+    write_text(path, json.dumps(obj, indent=indent))
+
+
+def write_parquet(path, table) -> None:
+    """Write a pyarrow ``table`` to ``path`` atomically."""
+    import pyarrow.parquet as pq
+
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
+
+
+def save_torch(path, obj) -> None:
+    """``torch.save`` ``obj`` to ``path`` atomically."""
+    import torch
+
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def save_safetensors(path, tensors: dict, metadata: dict[str, str]) -> Path:
+    """Write ``tensors`` (name -> contiguous tensor) with string ``metadata`` to a safetensors file atomically,
+    creating its folder."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+    return path

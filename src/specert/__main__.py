@@ -1,0 +1,5 @@
+"""``python -m specert``: the command line (:mod:`specert.cli`)."""
+
+from specert.cli import main
+
+main()

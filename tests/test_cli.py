@@ -75,6 +75,20 @@ def test_certify_errors(files, make, args, message):
 
 
 def test_bench_prints_ratios():
-    res = CliRunner().invoke(main, ["bench", "--batch", "4", "--vocab", "2000", "--repeat", "1"])
+    res = CliRunner().invoke(main, ["bench", "--kind", "normal", "--kind", "lm", "--batch", "4", "--vocab", "2000",
+                                    "--repeat", "1"])
     assert res.exit_code == 0, res.output
-    assert "torch.logsumexp" in res.output and "all rules together" in res.output and "tree:8" in res.output
+    assert res.output.count("torch.logsumexp") == 2 and "all 12 rules in one call" in res.output
+    assert "lm logits [4, 2000]" in res.output and "tree:8" in res.output
+
+
+def test_bench_logits_of_each_kind():
+    from specert.study.bench import bench_logits
+
+    rows = torch.randn(5, 300) * 4
+    for vocab in (100, 300, 700):
+        x = bench_logits("model", 8, vocab, rows=rows)
+        assert x.shape == (8, vocab) and x.dtype == torch.float32
+        top = x.max(-1).values  # every row's top is one of the model's rows' top
+        assert all(bool(torch.isclose(t, rows.max(-1).values).any()) for t in top)
+    assert bench_logits("lm", 4, 50).std() > 2 * bench_logits("normal", 4, 50).std()

@@ -156,20 +156,37 @@ def certify(file, draft_file, rules, as_json):
 
 
 @main.command()
-@click.option("--batch", default=512, show_default=True, help="Rows of random logits.")
-@click.option("--vocab", default=151936, show_default=True, help="Vocabulary size (Qwen's by default).")
-@click.option("--repeat", default=3, show_default=True, help="Timed calls per entry (median).")
+@click.option("--kind", "kinds", multiple=True, type=click.Choice(["normal", "lm", "model"]),
+              help="Logits: standard normal, x3 (spread like an LM's), the embedded model's own (repeatable; "
+                   "default all three).")
+@click.option("--batch", "batches", multiple=True, type=click.IntRange(min=1),
+              help="Rows (repeatable; default 32 and 512).")
+@click.option("--vocab", "vocabs", multiple=True, type=click.IntRange(min=2),
+              help="Vocabulary size (repeatable; default 151936, Qwen's).")
+@click.option("--repeat", default=3, show_default=True, type=click.IntRange(min=1),
+              help="Timed calls per entry (median).")
 @_fail_cleanly
-def bench(batch, vocab, repeat):
-    """Time every standard rule's certificate against torch.logsumexp on the same [batch, vocab] logits."""
-    from specert.study.bench import run_bench
+def bench(kinds, batches, vocabs, repeat):
+    """Time each standard rule's certificate, and all of them in one call, against torch.logsumexp on the same
+    [batch, vocab] float32 logits."""
+    from specert.study.bench import KINDS, bench_logits, model_rows, run_bench
 
-    if batch < 1 or vocab < 2 or repeat < 1:
-        raise ValueError("--batch and --repeat must be >= 1 and --vocab >= 2")
-    click.echo(f"[{batch}, {vocab}] float32 random logits, {torch.get_num_threads()} threads, median of {repeat}")
-    click.echo(f"{'what':28s} {'ms':>9s} {'x logsumexp':>12s}")
-    for name, seconds, ratio in run_bench(batch, vocab, repeat):
-        click.echo(f"{name:28s} {seconds * 1000:9.1f} {ratio:12.2f}")
+    kinds, batches, vocabs = kinds or KINDS, batches or (32, 512), vocabs or (151936,)
+    rows = None
+    if "model" in kinds:
+        from specert.decoding.model_specs import waiting
+
+        with waiting("the embedded model's logits", _terminal()):
+            rows = model_rows()
+    for kind in kinds:
+        for vocab in vocabs:
+            for batch in batches:
+                logits = bench_logits(kind, batch, vocab, rows=rows)
+                click.echo(f"\n{kind} logits [{batch}, {vocab}] float32, {torch.get_num_threads()} threads, "
+                           f"median of {repeat}")
+                click.echo(f"{'what':28s} {'ms':>9s} {'x logsumexp':>12s}")
+                for name, seconds, ratio in run_bench(logits, repeat):
+                    click.echo(f"{name:28s} {seconds * 1000:9.1f} {ratio:12.2f}")
 
 
 @main.command()

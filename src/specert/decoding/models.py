@@ -73,7 +73,7 @@ def load_model(spec: str) -> LoadedModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    hf_logging.set_verbosity_error()  # our errors say what went wrong; keep the loaders' chatter out
+    hf_logging.set_verbosity_error()  # specert's errors say what went wrong; keep the loaders' chatter out
     hf_logging.disable_progress_bar()
     if spec == EMBEDDED:
         source, gguf = embedded_gguf_path().parent, _EMBEDDED_FILE

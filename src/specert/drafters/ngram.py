@@ -18,8 +18,8 @@ class NGramDrafter(Drafter):
     tokens before the copied one that agree with the context's end for a copied one (at most ``n``). It tells much:
     on Spec-Bench's first 6 prompts per category (the target's greedy outputs, chains of ``ngram:3``), a token
     behind a match of 1 token was the target's 19% of the time, of 2: 44-50%, of 3: 72-76%. A certified chain
-    (:class:`~specert.decoding.schedules.CertifiedSchedule`) gets it as the position's class, ``min(size, CERTIFIED) - 1``,
-    with the token (``guess``), and measures each class's acceptance."""
+    (:class:`~specert.decoding.schedules.CertifiedSchedule`) gets it as the position's class,
+    ``min(size, CERTIFIED) - 1``, with the token (``guess``), and measures each class's acceptance."""
 
     def __init__(self, n: int):
         if n < 1:

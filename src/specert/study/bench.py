@@ -1,4 +1,15 @@
-"""`specert bench`: time every rule's certificate against torch.logsumexp on the same logits, in the same run."""
+"""`specert bench`: what certificates cost, as ratios to ``torch.logsumexp`` on the same logits in the same run.
+
+``torch.logsumexp`` over ``[N, V]`` is one read of the logits, the floor for anything that needs the normaliser;
+every rule's certificate needs it and a few top tokens (THEORY.md section 3), so the ratio says how close a rule
+comes to one pass. Three kinds of logits, since a rule's work depends on their shape:
+
+- ``normal``: standard-normal logits (flat rows: the water-filled group runs deep);
+- ``lm``: standard-normal x 3, spread like a language model's;
+- ``model``: the embedded model's own logits at every position of a few ShareGPT prompts, rows tiled to the batch;
+  a vocabulary larger than the model's is filled with further copies of each row lowered by 10 nats (the top of
+  each row stays the model's), a smaller one keeps the most probable tokens.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +20,8 @@ import torch
 
 from specert.theory.certificates import certificate, certificates, drafter_certificate
 from specert.theory.rules import STANDARD_RULES
+
+KINDS = ("normal", "lm", "model")
 
 
 def _time(fn: Callable[[], object], repeat: int) -> float:
@@ -22,15 +35,46 @@ def _time(fn: Callable[[], object], repeat: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def run_bench(batch: int = 512, vocab: int = 151936, repeat: int = 3, seed: int = 0, rules=STANDARD_RULES):
-    """Rows of (name, seconds, ratio to logsumexp) on ``[batch, vocab]`` random float32 logits (scale 3)."""
+def model_rows(prompts: int = 6) -> torch.Tensor:
+    """The embedded model's logits ``[R, 49152]`` (float32) at every position of ``prompts`` ShareGPT prompts."""
+    from specert.decoding.forward import forward, new_cache
+    from specert.decoding.models import EMBEDDED, encode_prompt, load_model
+    from specert.study.prompts import load_prompts
+
+    loaded = load_model(EMBEDDED)
+    rows = []
+    with torch.inference_mode():
+        for p in load_prompts(count=prompts):
+            ids = encode_prompt(loaded, p.text)[:256]
+            rows.append(forward(loaded.model, new_cache(loaded.model), ids).float())  # [T, V]
+    return torch.cat(rows)
+
+
+def bench_logits(kind: str, batch: int, vocab: int, seed: int = 0, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """``[batch, vocab]`` float32 logits of one kind (see the module's docstring); ``rows``: :func:`model_rows`."""
     gen = torch.Generator().manual_seed(seed)
-    logits = torch.randn(batch, vocab, generator=gen) * 3
+    if kind == "normal":
+        return torch.randn(batch, vocab, generator=gen)
+    if kind == "lm":
+        return torch.randn(batch, vocab, generator=gen) * 3
+    if kind != "model":
+        raise ValueError(f"unknown kind of logits {kind!r}: one of {', '.join(KINDS)}")
+    if rows is None:
+        rows = model_rows()
+    picked = rows[torch.randint(len(rows), (batch,), generator=gen)]  # [batch, V0]
+    if vocab < picked.shape[-1]:
+        return picked.topk(vocab, -1).values.contiguous()
+    copies = -(-vocab // picked.shape[-1])
+    return torch.cat([picked - 10.0 * c for c in range(copies)], -1)[:, :vocab].contiguous()  # [batch, vocab]
+
+
+def run_bench(logits: torch.Tensor, repeat: int = 3, rules=STANDARD_RULES) -> list[tuple[str, float, float]]:
+    """Rows of (what, seconds, ratio to logsumexp) on ``logits``: each rule alone, the set in one call, the
+    drafter certificate, and ``torch.topk`` for scale."""
     base = _time(lambda: torch.logsumexp(logits, -1), repeat)
-    rows = [("torch.logsumexp", base, 1.0)]
-    rows.append(("torch.topk(k=16)", _time(lambda: torch.topk(logits, 16, -1), repeat), None))
+    rows = [("torch.logsumexp", base), ("torch.topk(k=16)", _time(lambda: torch.topk(logits, 16, -1), repeat))]
     for spec in rules:
-        rows.append((spec, _time(lambda s=spec: certificate(logits, s), repeat), None))
-    rows.append(("drafter_certificate(m=1)", _time(lambda: drafter_certificate(logits, 1), repeat), None))
-    rows.append(("all rules together", _time(lambda: certificates(logits, rules), repeat), None))
-    return [(name, sec, sec / base) for name, sec, _ in rows]
+        rows.append((spec, _time(lambda s=spec: certificate(logits, s), repeat)))
+    rows.append(("drafter_certificate(m=1)", _time(lambda: drafter_certificate(logits, 1), repeat)))
+    rows.append((f"all {len(rules)} rules in one call", _time(lambda: certificates(logits, rules), repeat)))
+    return [(name, sec, sec / base) for name, sec in rows]

@@ -40,12 +40,12 @@ from specert.study.served import (
     served_drafter,
     served_drafter_part,
     served_target_part,
+    served_topk,
     vocab_size_of,
 )
 from specert.study.side_by_side import DecodeJob, decode_side_by_side
 from specert.study.teacher_forced import drafter_part, prompt_batches, target_part
 from specert.theory.rules import STANDARD_RULES, rule
-from specert.theory.truncated import TopK
 
 
 @dataclass
@@ -219,7 +219,7 @@ def _run_served(cfg: EvalConfig, out: Path, progress: bool) -> Path:
     # one short request asks what the run will ask (K log-probabilities, token ids within the vocabulary) before
     # the run folder records its settings
     probe = target.greedy(target.tokenize([{"role": "user", "content": "Hi"}]), 1, k)
-    TopK(probe.top_logprobs, probe.top_ids, vocab)
+    served_topk(probe.top_logprobs, probe.top_ids, vocab)
     _check_or_write_config(out, cfg)
     encoded, dropped = encode_served(target, prompts, cfg.steps, cfg.max_prompt_tokens,
                                      int(entry.get("max_model_len") or 2**31))

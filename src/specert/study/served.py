@@ -36,6 +36,7 @@ from specert.served.client import Continuation, ServedError, ServedModel
 from specert.study.prompts import Prompt
 from specert.theory.certificates import drafter_certificate
 from specert.theory.truncated import (
+    TOTAL_TOLERANCE,
     Interval,
     TopK,
     decide,
@@ -48,6 +49,20 @@ from specert.theory.truncated import (
 # The drafter kinds a served target takes (the others are built from the target's own weights, which a served
 # target does not hand over).
 SERVED_DRAFTERS = ("served", "model", "ngram")
+
+
+def served_topk(logprobs: np.ndarray, ids: np.ndarray, vocab_size: int) -> TopK:
+    """The top K a server returned, as :class:`~specert.theory.truncated.TopK`.
+
+    A server computes log p = l - logsumexp(l) in float32: the normaliser's rounding shifts every log-probability of
+    a step by one shared offset, of order sqrt(V) 2^-24 (V 2^-24 at worst), so that the known probabilities may sum
+    to a little more than 1. Their sum is allowed to exceed 1 by V 2^-24; where the server returned every token
+    (K = V) the step is renormalised, which removes the offset exactly.
+    """
+    logprobs = np.asarray(logprobs, dtype=np.float64)  # [S, K]
+    if logprobs.shape[-1] == vocab_size:
+        logprobs = logprobs - np.logaddexp.reduce(logprobs, axis=-1, keepdims=True)
+    return TopK(logprobs, ids, vocab_size, total_tolerance=max(TOTAL_TOLERANCE, vocab_size * 2.0**-24))
 
 
 def check_served_drafter(spec: str) -> None:
@@ -125,7 +140,8 @@ def served_target_part(target: ServedModel, prompts: list[Prompt], encoded: dict
         if c.tokens and c.top_ids[:, 0].tolist() != c.tokens:
             raise ServedError("the server's tokens are not the most probable of their steps: it is not decoding "
                               "greedily (check that no sampling parameters are forced server-side)")
-    topk = TopK(logp, ids, vocab_size)
+    topk = served_topk(logp, ids, vocab_size)
+    logp = np.asarray(topk.logprobs)  # [S, K] (renormalised where K = V)
     p = np.exp(logp)
     entropy = entropy_interval(topk)
     cols = {"prompt_index": index, "prompt_id": [prompts[i].id for i in index],
@@ -151,7 +167,7 @@ def served_drafter_part(drafter: ServedDrafter, encoded: dict[int, list[int]], g
     keep = np.isin(index, rows)
     logp = np.asarray(top.column("top_logprobs").to_pylist(), dtype=np.float64)[keep]  # [S, K]
     ids = np.asarray(top.column("top_ids").to_pylist(), dtype=np.int64)[keep]
-    target = TopK(logp, ids, vocab_size)
+    target = served_topk(logp, ids, vocab_size)
     seqs = {i: encoded[i] + greedy[i] for i in rows}
     n = len(ids)
     if drafter.ngram is not None:
@@ -177,7 +193,7 @@ def served_drafter_part(drafter: ServedDrafter, encoded: dict[int, list[int]], g
         q_ids = np.concatenate([s.top_ids for s in scores])
         at_target = np.full((n, target.k), math.nan)
         at_target[:, 0] = np.concatenate([s.token_logprob for s in scores])  # q of the target's greedy token
-        kl = truncated_kl(target, TopK(q_logp, q_ids, vocab_size), at_target)
+        kl = truncated_kl(target, served_topk(q_logp, q_ids, vocab_size), at_target)
         draft = q_ids[:, 0]
         # D_q(1) = -log(1 - (sqrt(q_1) - sqrt(q_2))^2) (THEORY.md section 7) from q's two most probable tokens
         gap = (np.exp(q_logp[:, 0] / 2) - np.exp(q_logp[:, 1] / 2)) ** 2 if k > 1 else np.full(n, math.nan)

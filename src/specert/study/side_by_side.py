@@ -43,8 +43,9 @@ class DecodeJob:
 
 
 def decode_prompt(loaded: LoadedModel, job: DecodeJob, ids: list[int], ref: list[int], steps: int) -> dict:
-    """One prompt's real decoding, batch 1, by ``job``: its counts (:class:`~specert.decoding.trace.SpecDecodeMetrics`), its
-    agreement with ``ref`` (the target's greedy text) and the target's NLL of both texts."""
+    """One prompt's real decoding, batch 1, by ``job``: its counts
+    (:class:`~specert.decoding.trace.SpecDecodeMetrics`), its agreement with ``ref`` (the target's greedy text) and
+    the target's NLL of both texts."""
     gen = generate(loaded, ids, job.drafter, job.rule, max_new_tokens=steps, trace=job.drafter is not None,
                    **(job.shape if job.drafter is not None else {}))
     metrics = SpecDecodeMetrics()

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-# Elements per block of rows: 2**21 float32 values (8 MiB) fit the last-level cache of the machines we target.
+# Elements per block of rows: 2**21 float32 values (8 MiB) fit the last-level cache of common CPUs.
 BLOCK_ELEMENTS = 2**21
 
 

@@ -94,6 +94,8 @@ class TopK:
         vocab_size: V, the size of the full vocabulary (K <= V).
         masked: whether the target may give tokens probability exactly 0 (masked logits): a tail token may then be
             0, which every rule rejects. ``False`` (the default) for the log-softmax of finite logits.
+        total_tolerance: how far above 1 the known probabilities may sum before the data are refused (rounding of
+            the source's normaliser; default ``TOTAL_TOLERANCE``).
         tail_mass: ``[N]`` float64, T = 1 - sum of the known probabilities, per flattened row (read-only).
     """
 
@@ -101,6 +103,7 @@ class TopK:
     ids: torch.Tensor
     vocab_size: int
     masked: bool = False
+    total_tolerance: float = TOTAL_TOLERANCE
     tail_mass: torch.Tensor = field(init=False, repr=False)
     batch_shape: tuple[int, ...] = field(init=False, repr=False)
     numpy: bool = field(init=False, repr=False)
@@ -139,16 +142,17 @@ class TopK:
             row = int((logprobs[:, 1:] > logprobs[:, :-1]).any(-1).nonzero()[0, 0])
             raise ValueError(f"logprobs must be sorted in descending order in every row; row {row} is not")
         log_total = torch.logsumexp(logprobs, -1)  # [N]
-        if (log_total > math.log1p(TOTAL_TOLERANCE)).any():
+        if (log_total > math.log1p(self.total_tolerance)).any():
             worst = float(log_total.max().exp())
             raise ValueError(
                 f"logprobs sum to a probability of {worst:.9g} > 1 in some row: they must be log-softmax over the "
-                f"whole vocabulary (tolerance {TOTAL_TOLERANCE:g})"
+                f"whole vocabulary (tolerance {self.total_tolerance:g})"
             )
         tail = (-torch.expm1(log_total)).clamp(min=0.0)  # [N] T
         room = (v - k) * torch.exp(logprobs[:, -1])  # [N] the most the tail can hold: n p_(K)
-        if (tail > room * (1 + TOTAL_TOLERANCE) + TOTAL_TOLERANCE).any():
-            row = int((tail > room * (1 + TOTAL_TOLERANCE) + TOTAL_TOLERANCE).nonzero()[0, 0])
+        slack = self.total_tolerance
+        if (tail > room * (1 + slack) + slack).any():
+            row = int((tail > room * (1 + slack) + slack).nonzero()[0, 0])
             raise ValueError(
                 f"row {row}: the tail mass T = {float(tail[row]):.6g} cannot fit on the V - K = {v - k} other tokens "
                 f"at most p_(K) = {float(logprobs[row, -1].exp()):.6g} each: logprobs are not the K most probable "
@@ -854,7 +858,7 @@ def truncated_kl(target: TopK, draft, draft_logprobs=None) -> Interval:
         inside = torch.where(known, _d(p_known, at_target), 0.0).sum(-1)
         m0 = torch.where(known, 0.0, torch.exp(p_known)).sum(-1)  # target mass of unknown q: in R
         known_q = torch.cat([torch.where(known, at_target, -math.inf), others], -1)
-        if (torch.logsumexp(known_q, -1) > math.log1p(TOTAL_TOLERANCE)).any():
+        if (torch.logsumexp(known_q, -1) > math.log1p(max(TOTAL_TOLERANCE, draft.total_tolerance))).any():
             raise ValueError("the drafter's known probabilities sum to more than 1 (draft_logprobs disagree?)")
         # NOTE: q_R = 1 - (the known q) loses its digits below 1e-16 (it is 0 where q's top K' hold all but 1e-17):
         # take q_R + delta and subtract delta, a lower bound for every q_R' <= q_R + delta since dD(a, b)/db <= 1.

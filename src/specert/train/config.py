@@ -22,7 +22,7 @@ OBJECTIVES = ("kl", "certified", "reachable")  # formulas in :mod:`specert.train
 ARCHITECTURES = ("head", "pruned")
 ANSWERS = ("data", "target")
 # NOTE: each fits about an hour on 2 cores once the cache is built: on SmolLM2-135M a head trains 1000 steps in
-# 34 min, a pruned drafter 150 steps in 26 min (README, "Trained drafters"; measured by `specert distill
+# 34 min, a pruned drafter 150 steps in 26 min (docs/drafters.md, "Trained drafters"; measured by `specert distill
 # [--architecture pruned]` with every other option at its default).
 DEFAULT_STEPS = {"head": 1000, "pruned": 150}
 

@@ -26,9 +26,9 @@ at all):
    all computed from the float16 ``features`` (the final states' slice times the LM head), so training sees exactly
    the p the cache describes. :func:`load_cache` reads the parts back as two :class:`Texts`, train and held out.
 
-NOTE: self-distillation did not raise agreement on the target's own answers on the embedded model (README,
-"Self-distillation did not close the gap": teacher-forced agreement per answer position, shipped head against
-self-distilled head; measured by ``specert distill --answers target --texts 600``).
+NOTE: self-distillation did not raise agreement on the target's own answers on the embedded model (teacher-forced
+agreement per answer position, shipped head against self-distilled head, measured by ``specert distill --answers
+target --texts 600``; docs/drafters.md, "Which drafter pays on the embedded model").
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ def rng():
 
 @pytest.fixture(scope="session")
 def embedded():
-    """The embedded SmolLM2-135M, loaded once for the whole test session (about 15-25 s)."""
+    """The embedded SmolLM2-135M, loaded once per test run (about 15-25 s)."""
     from specert.decoding.models import load_model
 
     return load_model("smollm2-135m")
@@ -44,7 +44,7 @@ def tiny_chat_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def vllm_url():
     """A real vLLM server of the embedded model (float32, every token's log-probability allowed) for the whole test
-    session; its URL. Without vLLM installed (scripts/install-vllm.sh) the tests that need it are skipped, unless
+    run; its URL. Without vLLM installed (scripts/install-vllm.sh) the tests that need it are skipped, unless
     SPECERT_REQUIRE_VLLM is set (CI), where they fail."""
     from vllm_server import embedded_hf_folder, require_vllm, vllm_server
 

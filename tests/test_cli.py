@@ -1,4 +1,5 @@
-"""`specert certify` and `specert bench`: files in three formats, JSON, and one-line errors."""
+"""`specert certify` and `specert bench`: files in three formats, JSON, and one-line errors; `specert generate`'s
+waits shown on a terminal only."""
 
 import json
 
@@ -92,3 +93,44 @@ def test_bench_logits_of_each_kind():
         top = x.max(-1).values  # every row's top is one of the model's rows' top
         assert all(bool(torch.isclose(t, rows.max(-1).values).any()) for t in top)
     assert bench_logits("lm", 4, 50).std() > 2 * bench_logits("normal", 4, 50).std()
+
+
+class _Terminal:
+    """A stderr that says it is a terminal."""
+
+    def __init__(self):
+        self.text = []
+
+    def write(self, s):
+        self.text.append(s)
+        return len(s)
+
+    def flush(self):
+        pass
+
+    def isatty(self):
+        return True
+
+
+@pytest.mark.parametrize("terminal", [True, False])
+def test_model_load_shows_its_wait_on_a_terminal_only(monkeypatch, capsys, terminal):
+    from specert.decoding import model_specs
+
+    monkeypatch.setattr(model_specs, "load_model", lambda spec: "loaded")
+    stream = _Terminal()
+    if terminal:
+        monkeypatch.setattr("sys.stderr", stream)
+    assert model_specs.load_with_progress("tiny", show=True) == "loaded"
+    shown = "".join(stream.text) + capsys.readouterr().err
+    assert ("loading the target tiny: done in" in shown) == terminal
+
+
+@pytest.mark.parametrize("terminal", [True, False])
+def test_generate_shows_decoding_progress_on_a_terminal_only(tiny_chat_dir, monkeypatch, terminal):
+    """The bar goes to stderr where it is a terminal (``_terminal``), and nothing does otherwise."""
+    monkeypatch.setattr("specert.cli._terminal", lambda: terminal)
+    res = CliRunner().invoke(main, ["generate", "--prompt", "Write a haiku", "--target", str(tiny_chat_dir),
+                                    "--drafter", "ngram:3", "--k", "2", "--max-new-tokens", "6"])
+    assert res.exit_code == 0, res.output
+    assert ("decoding" in res.stderr) == terminal
+    assert "tokens/s" in res.stdout

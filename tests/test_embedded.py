@@ -9,7 +9,7 @@ from specert.decoding.models import encode_prompt
 from specert.decoding.trace import SpecDecodeMetrics
 from specert.drafters.spec import drafter_from_spec
 
-pytestmark = pytest.mark.slow  # the embedded model, loaded once for the session
+pytestmark = pytest.mark.slow  # the embedded model, loaded once per test run
 
 
 def test_chat_template_and_context(embedded):

@@ -60,7 +60,7 @@ def test_topm_and_tree_monotone_in_m(x):
     """Up to float64's resolution, as in test_non_negative_and_greedy_is_strictest: equal certificates computed two
     ways may differ in their last bit (topm:1 and topm:2 of the first example, 8.347140953473457e-06 and ...455e-06),
     and a water-filled group of three rounds to 0 where tree:1's closed form keeps 8e-33 (the second; found by a
-    fresh hypothesis database in session 22's clean-clone run)."""
+    fresh hypothesis database on a clean clone)."""
     v = len(x)
     tops = [cert(x, f"topm:{m}") for m in range(1, v)]
     trees = [cert(x, f"tree:{m}") for m in range(1, v)]

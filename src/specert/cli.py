@@ -216,11 +216,10 @@ def generate(prompt, target, drafter, rule_spec, k, tree, quantile, max_new_toke
     from specert.decoding.loop import generate as decode
     from specert.decoding.model_specs import check_model_spec, load_with_progress, waiting
     from specert.decoding.models import encode_prompt
-    from specert.decoding.schedules import make_schedule
     from specert.decoding.trace import SpecDecodeMetrics, write_trace
     from specert.drafters.spec import drafter_from_spec
     from specert.files import atomic_path
-    from specert.study.inputs import check_draft_length, check_drafter, check_length, check_output_file, check_rules
+    from specert.study.inputs import check_drafter, check_length, check_output_file, check_rules, check_shape
 
     # every input checked before the target is loaded
     if not prompt.strip():
@@ -234,9 +233,10 @@ def generate(prompt, target, drafter, rule_spec, k, tree, quantile, max_new_toke
                          "to encode the prompt")
     check_rules([r], info)
     check_drafter(drafter, info)
-    check_draft_length(k, max_new_tokens, info, f"--k {k}")
-    drafts = make_schedule(k, tree, quantile).max_nodes if k is not None or tree is not None else 16
-    check_length(max_new_tokens + drafts + 1, info, f"--max-new-tokens {max_new_tokens} with its drafts")
+    if k is None and tree is None:  # the drafter's own chain: 16 tokens at most
+        check_length(max_new_tokens + 16 + 1, info, f"--max-new-tokens {max_new_tokens} with its drafts")
+    else:
+        check_shape(k, tree, max_new_tokens, info, f"--tree {tree}" if tree is not None else f"--k {k}")
     if trace_file:
         check_output_file(trace_file, "--trace", suffix=".parquet")
 
@@ -307,8 +307,8 @@ def generate(prompt, target, drafter, rule_spec, k, tree, quantile, max_new_toke
                    + " and ".join(EvalConfig.decode_rules) + ").")
 @click.option("--decode-prompts", default=EvalConfig.decode_prompts, show_default=True, type=click.IntRange(min=0),
               help="Prompts decoded for real (batch 1) per (drafter, rule), side by side with the target alone.")
-@click.option("--k", default=EvalConfig.k, show_default=True, type=click.IntRange(min=1),
-              help="Draft length of the real decoding runs.")
+@click.option("--k", default=EvalConfig.k, show_default=True, type=click.IntRange(min=0),
+              help="Chain length of the real decoding runs; 0: each drafter's own (int4 3, compiled:int4 auto, ...).")
 @click.option("--batch-size", default=EvalConfig.batch_size, show_default=True, type=click.IntRange(min=1),
               help="Prompts per batched target forward (a served target: per checkpointed part).")
 @click.option("--max-prompt-tokens", default=EvalConfig.max_prompt_tokens, show_default=True,

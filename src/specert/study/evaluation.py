@@ -33,7 +33,7 @@ from specert.drafters.spec import drafter_from_spec
 from specert.files import write_json, write_parquet
 from specert.served.client import ServedModel, is_served
 from specert.study.inputs import check_draft_length, check_drafter, check_length, check_output_folder, check_rules
-from specert.study.prompts import SHAREGPT, load_prompts
+from specert.study.prompts import SHAREGPT, Prompt, load_prompts
 from specert.study.served import (
     check_served_drafter,
     encode_served,
@@ -58,7 +58,7 @@ class EvalConfig:
     drafters: tuple[str, ...] = ()
     decode_rules: tuple[str, ...] = ("greedy", "typical:0.09,0.3")
     decode_prompts: int = 8
-    k: int = 4
+    k: int = 0  # chain length of the real decoding runs; 0: each drafter's own (its ``default_k``)
     batch_size: int = 16
     max_prompt_tokens: int = 512
     seed: int = 0
@@ -74,13 +74,16 @@ class EvalConfig:
         """Check every option and the target's spec without loading it (:mod:`specert.decoding.model_specs`):
         numbers, rules and drafters against the target's vocabulary, layers and context where its header says
         them. Normalises the rule specs; returns what was read of the target."""
-        for name in ("num_prompts", "steps", "k", "batch_size", "max_prompt_tokens", "concurrency"):
+        if self.k < 0:
+            raise ValueError(f"k must be >= 0 (0: each drafter's own draft length), got {self.k}")
+        for name in ("num_prompts", "steps", "batch_size", "max_prompt_tokens", "concurrency"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if self.decode_prompts < 0:
-            raise ValueError(f"decode-prompts must be >= 0, got {self.decode_prompts}")
-        if self.logprobs < 0 or self.vocab_size < 0 or self.retries < 0 or not 0 < self.timeout < math.inf:
-            raise ValueError("logprobs, vocab-size and retries must be >= 0 and timeout > 0 and finite")
+        for name in ("decode_prompts", "logprobs", "vocab_size", "retries"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if not 0 < self.timeout < math.inf:
+            raise ValueError(f"timeout must be a number of seconds > 0, got {self.timeout}")
         if not self.rules or not self.decode_rules and self.drafters and self.decode_prompts:
             raise ValueError("give at least one rule (and one decode rule for the real decoding runs)")
         target = check_model_spec(self.target, served_ok=True)
@@ -94,7 +97,7 @@ class EvalConfig:
             else:
                 check_drafter(d, target)
         check_length(self.steps + 1, target, f"--steps {self.steps}")
-        if self.decode_prompts and self.drafters:
+        if self.decode_prompts and self.drafters and self.k:
             check_draft_length(self.k, self.steps, target, f"--k {self.k}")
         return target
 
@@ -149,9 +152,9 @@ def run_eval(cfg: EvalConfig, out: Path, progress: bool = True) -> Path:
     cfg.validate()
     out = Path(out)
     _check_config(out, cfg)
-    if is_served(cfg.target):
-        return _run_served(cfg, out, progress)
     prompts = load_prompts(cfg.prompts, cfg.num_prompts, cfg.seed)
+    if is_served(cfg.target):
+        return _run_served(cfg, out, prompts, progress)
     loaded = load_with_progress(cfg.target, progress)
     encoded, batches, dropped = prompt_batches(loaded, prompts, cfg)
     if not batches:
@@ -191,7 +194,7 @@ def run_eval(cfg: EvalConfig, out: Path, progress: bool = True) -> Path:
     ddir = out / "decode"
     ddir.mkdir(exist_ok=True)
     jobs = [DecodeJob("target")] if chosen else []
-    jobs += [DecodeJob(f"{safe_name(d)}__{safe_name(r)}", drafters[d], r, {"k": cfg.k})
+    jobs += [DecodeJob(f"{safe_name(d)}__{safe_name(r)}", drafters[d], r, {"k": cfg.k} if cfg.k else {})
              for d in cfg.drafters for r in cfg.decode_rules if chosen]
     if any(not (ddir / f"{job.name}.json").exists() for job in jobs):
         for name, result in decode_side_by_side(loaded, jobs, encoded, greedy, chosen, cfg.steps, ddir, progress,
@@ -203,7 +206,7 @@ def run_eval(cfg: EvalConfig, out: Path, progress: bool = True) -> Path:
     return write_report(out, cfg, info, [job.name for job in jobs])
 
 
-def _run_served(cfg: EvalConfig, out: Path, progress: bool) -> Path:
+def _run_served(cfg: EvalConfig, out: Path, prompts: list[Prompt], progress: bool) -> Path:
     """:func:`run_eval` on a served target (:mod:`specert.study.served`): phases 1 and 2, no real decoding."""
     from specert.study.report import write_report
 
@@ -215,7 +218,6 @@ def _run_served(cfg: EvalConfig, out: Path, progress: bool) -> Path:
         raise ValueError(f"--logprobs {k} exceeds the served model's vocabulary of {vocab} tokens")
     for rule_spec in cfg.rules:
         rule(rule_spec).validate(vocab)
-    prompts = load_prompts(cfg.prompts, cfg.num_prompts, cfg.seed)
     # one short request asks what the run will ask (K log-probabilities, token ids within the vocabulary) before
     # the run folder records its settings
     probe = target.greedy(target.tokenize([{"role": "user", "content": "Hi"}]), 1, k)

@@ -10,6 +10,7 @@ import tempfile
 from pathlib import Path
 
 from specert.decoding.model_specs import ModelSpecInfo, check_model_spec
+from specert.decoding.schedules import Schedule, make_schedule
 from specert.drafters.spec import check_drafter_spec
 from specert.drafters.storage import HEAD_FORMAT, PRUNED_FORMAT, SHIPPED
 from specert.theory.rules import Rule, rule
@@ -112,6 +113,19 @@ def check_draft_length(k, steps: int, target: ModelSpecInfo, what: str = "--k") 
     if target.context_length is None and int(text) > MAX_DRAFT:
         raise ValueError(f"{what}: a chain of {text} tokens is longer than any useful one; give k <= {MAX_DRAFT}")
     check_length(steps + int(text) + 1, target, f"{what} with {steps} new tokens")
+
+
+def check_shape(k, tree, steps: int, target: ModelSpecInfo, what: str) -> Schedule:
+    """Refuse a draft shape (a chain ``k`` or tree widths ``tree``, as :func:`~specert.decoding.schedules.make_schedule`
+    takes them) that does not parse, or whose drafts with ``steps`` new tokens overflow the target's context. The
+    message starts with ``what`` (the option as given); returns the schedule."""
+    check_draft_length(k, steps, target, what)
+    try:
+        schedule = make_schedule(k, tree)
+    except ValueError as e:
+        raise ValueError(f"{what}: {e}") from None
+    check_length(steps + schedule.max_nodes + 1, target, f"{what} with {steps} new tokens")
+    return schedule
 
 
 def _drafter_file(path: str, fmt: str, what: str, target: ModelSpecInfo) -> None:

@@ -90,7 +90,7 @@ def _jsonl_records(path: Path, what: str):
     if path.is_dir():
         raise ValueError(f"{what} file {path} is a folder; give a JSONL file (one JSON object per line)")
     if not path.is_file():
-        raise ValueError(f"no such {what} file: {path}")
+        raise ValueError(f"no such {what} file: {path}; give a JSONL file (one JSON object per line) or '{SHAREGPT}'")
     try:
         with open(path, encoding="utf-8") as f:
             for line_no, line in enumerate(f, 1):

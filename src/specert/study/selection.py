@@ -20,11 +20,10 @@ import numpy as np
 
 from specert.decoding.loop import generate
 from specert.decoding.model_specs import check_model_spec, load_with_progress, waiting
-from specert.decoding.schedules import make_schedule
 from specert.drafters.spec import drafter_from_spec
 from specert.files import atomic_path, write_json, write_text
 from specert.study.evaluation import EvalConfig
-from specert.study.inputs import check_draft_length, check_drafter, check_length, check_output_folder, check_rules
+from specert.study.inputs import check_drafter, check_output_folder, check_rules, check_shape
 from specert.study.prompts import SHAREGPT, load_prompts
 from specert.study.report import Table
 from specert.study.side_by_side import DecodeJob, decode_side_by_side
@@ -66,12 +65,8 @@ class SelectConfig:
             kind, sep, value = s.partition("=")
             if kind not in ("k", "tree") or not sep:
                 raise ValueError(f"shape {s!r}: write k=N, k=auto[:K], k=heuristic[:K], tree=W,W,... or tree=auto[:B]")
-            check_draft_length(value if kind == "k" else None, self.steps, target, f"shape {s!r}")
-            try:
-                schedule = make_schedule(**{kind: value})
-            except ValueError as e:
-                raise ValueError(f"shape {s!r}: {e}") from None
-            check_length(self.steps + schedule.max_nodes + 1, target, f"shape {s!r} with --steps {self.steps}")
+            check_shape(value if kind == "k" else None, value if kind == "tree" else None, self.steps, target,
+                        f"shape {s!r}")
             shapes.append({kind: value})
         return shapes
 

@@ -9,6 +9,14 @@ def rng():
     return np.random.default_rng(20261128)
 
 
+@pytest.fixture(scope="module", params=["llama", "qwen3"])
+def target(request):
+    """A tiny random Llama, then Qwen3 (tests/tiny.py), for the tests of a module that decode with it."""
+    from tiny import tiny_model
+
+    return tiny_model(request.param, seed=1)
+
+
 @pytest.fixture(scope="session")
 def embedded():
     """The embedded SmolLM2-135M, loaded once per test run (about 15-25 s)."""
@@ -39,6 +47,31 @@ def tiny_chat_dir(tmp_path_factory):
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def chats(tmp_path_factory):
+    """A JSONL file of the chats of tests/tiny_distill.py and one plain text: the distillation tests' data."""
+    import json
+
+    from tiny_distill import CHATS
+
+    path = tmp_path_factory.mktemp("data") / "chats.jsonl"
+    path.write_text("\n".join(json.dumps({"messages": c}) for c in CHATS) + "\n" + json.dumps("plain text too") + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def trained(tiny_chat_dir, chats, tmp_path_factory):
+    """A draft head distilled from the tiny chat model with tiny_distill's small config, once per test run: (its
+    config, the work folder holding ``head.safetensors``, the run's report)."""
+    from specert.train.training import run_distill
+    from tiny_distill import small_config
+
+    work = tmp_path_factory.mktemp("distill")
+    cfg = small_config(tiny_chat_dir, chats)
+    report = run_distill(cfg, work, work / "head.safetensors", progress=False)
+    return cfg, work, report
 
 
 @pytest.fixture(scope="session")

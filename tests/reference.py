@@ -9,7 +9,7 @@ import math
 import numpy as np
 from scipy.optimize import minimize
 
-from specert.theory.rules import Additive, AllOf, AnyOf, Multiplicative, TopM, Tree, Typical
+from specert.theory.rules import Additive, AllOf, AnyOf, Multiplicative, Threshold, TopM, Tree, Typical
 
 
 def random_logits(rng: np.random.Generator, vocab: int) -> np.ndarray:
@@ -45,6 +45,8 @@ def accepted_tokens(p: np.ndarray, rule) -> np.ndarray:
         ok = p >= p.max() - rule.t
     elif isinstance(rule, Multiplicative):
         ok = p >= rule.alpha * p.max()
+    elif isinstance(rule, Threshold):
+        ok = p >= rule.tau
     elif isinstance(rule, Typical):
         h = -np.sum(p * np.log(p + rule.offset, where=p > 0, out=np.zeros_like(p)))
         ok = p > min(rule.eps, rule.delta * math.exp(-h))

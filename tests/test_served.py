@@ -205,3 +205,21 @@ def test_replicas_share_the_requests(vllm_url):
         client.tokenize([{"role": "user", "content": "hi"}])
     hosts = [u.split("/")[2].split(":")[0] for u in seen[-4:]]
     assert sorted(hosts) == ["127.0.0.1", "127.0.0.1", "localhost", "localhost"]
+
+
+def test_a_second_served_model_drafts(vllm_url, tmp_path):
+    """``served:URL#MODEL`` teacher-forced through prompt log-probabilities: the target's own server as drafter
+    drafts the target's greedy token at every step and has KL's lower end about 0; from a top K < V its KL has no
+    finite upper end, so no step is certified and none is rejected while certified."""
+    cfg = EvalConfig(target=vllm_url, prompts=str(SPEC_BENCH), num_prompts=2, steps=8, logprobs=20,
+                     rules=("greedy", "tree:4"), drafters=(f"served:{vllm_url}#smollm2",), decode_prompts=0)
+    run_eval(cfg, tmp_path, progress=False)
+    steps, drafters = _columns(tmp_path / "steps"), _columns(tmp_path / "drafters")
+    assert len(drafters["step"]) == len(steps["step"]) == 2 * 8
+    order = np.lexsort((drafters["step"], drafters["prompt_index"]))
+    target_order = np.lexsort((steps["step"], steps["prompt_index"]))
+    assert drafters["draft_token"][order].tolist() == steps["token"][target_order].tolist()
+    assert (np.abs(drafters["kl"]) < 1e-3).all() and np.isinf(drafters["kl_upper"]).all()
+    assert drafters["accepted:greedy"].astype(bool).all()
+    assert not drafters["certified:greedy"].astype(bool).any()
+    assert "Soundness audit: SOUND" in (tmp_path / "report" / "summary.md").read_text()

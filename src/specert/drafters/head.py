@@ -31,8 +31,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+from torch.nn.functional import scaled_dot_product_attention, silu
 
 from specert.decoding.drafts import Drafter, DraftTree, top_tokens, tree_attention
 from specert.decoding.schedules import Schedule
@@ -91,10 +91,10 @@ class HeadLayer(nn.Module):
         if attend is None and t > 1:
             past = keys.shape[2] - t
             attend = torch.ones(t, past + t, dtype=torch.bool).tril(past)
-        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=attend)  # [B, nh, T, hd]
+        y = scaled_dot_product_attention(q, keys, values, attn_mask=attend)  # [B, nh, T, hd]
         x = x + self.o(y.transpose(1, 2).reshape(b, t, h))
         gate, up = self.gate_up(self.mlp_norm(x)).chunk(2, -1)
-        return x + self.down(F.silu(gate) * up), k, v
+        return x + self.down(silu(gate) * up), k, v
 
 
 class DraftHead(nn.Module):
@@ -187,8 +187,8 @@ class HeadDrafter(Drafter):
     """A draft head (:mod:`specert.drafters.head`) over the target's hidden states, with its own one-layer KV cache.
 
     Invariant: ``features`` mirrors the target's KV cache, the context but its last token. Head entry t pairs
-    ``features[t]`` with token t+1 and predicts token t+2, so with F states the last entry (F-1) predicts the
-    token after the context: the root's children. Tree nodes are entries F, F+1, ... (their input is their
+    ``features[t]`` with token t+1 and predicts token t+2, so with n states the last entry (n-1) predicts the
+    token after the context: the root's children. Tree nodes are entries n, n+1, ... (their input is their
     parent's output g), dropped after each proposal; entries of the context are kept while their state and
     token are unchanged.
     """
@@ -197,7 +197,7 @@ class HeadDrafter(Drafter):
         self.head, self.spec = head, spec
         self.feature_layers = head.cfg.feature_layers
         self._buffer = torch.zeros(0, head.cfg.features)  # grows by doubling; ``features`` is a view of its start
-        self.features = self._buffer  # [F, nl * H]
+        self.features = self._buffer  # [n, nl * H]
         self.keys = self.values = None  # [1, nh, C, hd]
         self.entry_tokens: list[int] = []  # token t+1 of each cached entry t
 

@@ -24,8 +24,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+from torch.nn.functional import linear
 
 from specert.decoding.quantized import fake_int4, quantized_copy, supported
 from specert.drafters.model import layer_subset
@@ -71,7 +71,7 @@ class LoRALinear(nn.Module):
         return w + (fake_int4(w.detach()) - w).detach()
 
     def forward(self, x):
-        return F.linear(x, self.merged().to(x.dtype), self.bias)
+        return linear(x, self.merged().to(x.dtype), self.bias)
 
 
 def student(target: nn.Module, keep: tuple[int, ...], rank: int) -> nn.Module:

@@ -60,6 +60,21 @@ def check_drafter_spec(spec: str) -> None:
         raise ValueError(f"drafter spec {spec!r}: {kind} needs an argument, e.g. layerskip:8 or model:path")
 
 
+# Why a model drafter's step cannot be compiled on a target outside the fast path's families.
+COMPILED_FAMILIES = (f"only {', '.join(STEP_MODEL_TYPES)} models without a sliding window can run compiled; "
+                     "drop 'compiled:'")
+
+
+def architecture_problem(spec: str, architecture: str | None) -> str | None:
+    """Why drafter ``spec`` cannot run on a target of ``architecture`` (a GGUF header's ``general.architecture`` or
+    a config's ``model_type``), known before either is loaded; None if it may (:func:`drafter_from_spec` checks the
+    loaded target again). ``compiled:`` over the target's own layers needs a :func:`can_step` family."""
+    kind, _, arg = spec.partition(":")
+    if kind == "compiled" and not arg.startswith("model:") and architecture and architecture not in STEP_MODEL_TYPES:
+        return COMPILED_FAMILIES
+    return None
+
+
 def _lookup_bounds(spec: str) -> tuple[int, int]:
     """(MIN, MAX) of ``vllm-ngram[:MIN,MAX]`` (vLLM's 5, 5 without them)."""
     arg = spec.partition(":")[2]
@@ -78,8 +93,7 @@ def drafter_from_spec(spec: str, target: LoadedModel) -> Drafter:
     kind, _, arg = spec.partition(":")
     problem = rollback_problem(target.model)
     if problem is None and kind == "compiled" and not arg.startswith("model:") and not can_step(target.model):
-        problem = (f"only {', '.join(STEP_MODEL_TYPES)} models without a sliding window can run compiled; "
-                   "drop 'compiled:'")
+        problem = COMPILED_FAMILIES
     if problem:
         raise ValueError(f"drafter {spec!r} cannot run on {target.name!r} ({type(target.model).__name__}): {problem}")
     # NOTE: each drafter's default draft shape is among the fastest on the embedded model (`python

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from specert.decoding.model_specs import ModelSpecInfo, check_model_spec
 from specert.decoding.schedules import Schedule, make_schedule
-from specert.drafters.spec import check_drafter_spec
+from specert.drafters.spec import architecture_problem, check_drafter_spec
 from specert.drafters.storage import HEAD_FORMAT, PRUNED_FORMAT, SHIPPED
 from specert.theory.rules import Rule, rule
 
@@ -159,6 +159,9 @@ def check_drafter(spec: str, target: ModelSpecInfo) -> None:
     without one. The message names the drafter."""
     try:
         check_drafter_spec(spec)
+        problem = architecture_problem(spec, target.architecture)
+        if problem:
+            raise ValueError(f"drafter {spec!r} cannot run on {target.spec!r} ({target.architecture}): {problem}")
         kind, _, arg = spec.partition(":")
         if kind == "compiled":
             return check_drafter(arg, target)

@@ -222,6 +222,19 @@ def _decode_table(decode: list[dict]) -> Table | None:
                  "mean negative log-likelihood of the generated text.")
 
 
+def line_styles(names: list[str]) -> dict[str, dict]:
+    """A distinct (colour, line style, marker) for each name, the same in every plot of a report: tab20's colours
+    in the order dark, light of each hue's pair last (so that neighbours differ in hue), and a line style and a
+    marker that change with every name as well, so that no two lines look alike even in grey."""
+    import matplotlib
+
+    tab20 = matplotlib.colormaps["tab20"].colors
+    colours = [tab20[i] for i in range(0, 20, 2)] + [tab20[i] for i in range(1, 20, 2)]
+    dashes, markers = ["-", "--", "-.", ":"], ["o", "s", "^", "v", "D", "x", "+", "*", "P", "X"]
+    return {n: dict(color=colours[i % 20], linestyle=dashes[i % 4], marker=markers[i % 10], markevery=0.1)
+            for i, n in enumerate(names)}
+
+
 def _plots(folder: Path, steps: pa.Table, rules: list[str], curves: dict, drafters: pa.Table | None,
            vocab: int) -> list[str]:
     import matplotlib
@@ -230,6 +243,10 @@ def _plots(folder: Path, steps: pa.Table, rules: list[str], curves: dict, drafte
     import matplotlib.pyplot as plt
 
     files = []
+    names = list(rules) + [r for r in curves if r not in rules]
+    if drafters is not None and len(drafters):
+        names += [f"drafter {d}" for d in dict.fromkeys(drafters.column("drafter").to_pylist())]
+    style = line_styles(names)
 
     def save(fig, name):
         fig.tight_layout()
@@ -240,7 +257,7 @@ def _plots(folder: Path, steps: pa.Table, rules: list[str], curves: dict, drafte
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for r in rules:
         c = np.sort(np.asarray(steps.column(f"cert:{r}").to_pylist(), dtype=float))
-        ax.plot(np.clip(c, 1e-6, None), np.arange(1, len(c) + 1) / len(c), label=r)
+        ax.plot(np.clip(c, 1e-6, None), np.arange(1, len(c) + 1) / len(c), label=r, markersize=4, **style[r])
     ax.set(xscale="log", xlabel="certificate C_p (nats)", ylabel="fraction of steps <= C",
            title="Certificates per rule")
     ax.legend(fontsize=7, ncol=2)
@@ -263,7 +280,7 @@ def _plots(folder: Path, steps: pa.Table, rules: list[str], curves: dict, drafte
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for r, ys in curves.items():
-        ax.plot(EPS_GRID, ys, marker=".", label=r)
+        ax.plot(EPS_GRID, ys, label=r, markersize=4, **{**style[r], "markevery": 1})
     ax.set(xscale="log", yscale="log", xlabel="eps (drafter KL bound, nats)", ylabel="mean certified run length",
            title="Certified runs")
     ax.legend(fontsize=7, ncol=2)
@@ -271,15 +288,17 @@ def _plots(folder: Path, steps: pa.Table, rules: list[str], curves: dict, drafte
 
     if drafters is not None and len(drafters):
         fig, ax = plt.subplots(figsize=(7, 4.5))
-        names = np.asarray(drafters.column("drafter").to_pylist())
+        which = np.asarray(drafters.column("drafter").to_pylist())
         kl_ = np.asarray(drafters.column("kl").to_pylist(), dtype=float)
-        for d in dict.fromkeys(names):
-            x = np.sort(kl_[(names == d) & np.isfinite(kl_)])
+        for d in dict.fromkeys(which):
+            x = np.sort(kl_[(which == d) & np.isfinite(kl_)])
             if len(x):
-                ax.plot(np.clip(x, 1e-6, None), np.arange(1, len(x) + 1) / len(x), label=f"KL(p||q), {d}")
+                ax.plot(np.clip(x, 1e-6, None), np.arange(1, len(x) + 1) / len(x), label=f"KL(p||q), {d}",
+                        linewidth=2.2, markersize=5, **{**style[f"drafter {d}"], "linestyle": "-"})
         for r in [r for r in ("greedy", "typical:0.09,0.3", "tree:4") if r in rules]:
             cc = np.sort(np.asarray(steps.column(f"cert:{r}").to_pylist(), dtype=float))
-            ax.plot(np.clip(cc, 1e-6, None), np.arange(1, len(cc) + 1) / len(cc), "--", label=f"certificate, {r}")
+            ax.plot(np.clip(cc, 1e-6, None), np.arange(1, len(cc) + 1) / len(cc), label=f"certificate, {r}",
+                    linewidth=1.2, markersize=4, **{**style[r], "linestyle": "--"})
         ax.set(xscale="log", xlabel="nats", ylabel="fraction of steps", title="Drafters' KL against the certificates")
         ax.legend(fontsize=7)
         save(fig, "drafter_kl.png")

@@ -25,6 +25,10 @@ Numerics (a certificate may understate, never overstate the exact value of the d
   rejected;
 - results are float64, rounded *down* by a relative bound on their rounding error (:func:`cost_rtol`), at least
   ``CERTIFICATE_RTOL`` of the compute dtype.
+
+One module: the certificates, the extremal drafter and the drafter-side certificate are one water-filling over
+sorted prefix sums (``_prefix``, :func:`water_fill`, ``_parts``), rounded down one way (:func:`round_down`); split,
+each would import the others' privates.
 """
 
 from __future__ import annotations

@@ -61,6 +61,10 @@ Every preset counts ties against acceptance, as all specert rules do: ``topm:K``
 (K+1)-th, where the engine's top-k keeps one of the tied tokens by its own order. The sources, with versions, are in
 each preset function's docstring (:func:`trtllm_relaxed`, :func:`vllm_relaxed`, :func:`sglang_threshold`,
 :func:`medusa`).
+
+One module: a rule and its spec string are defined together (each class prints the spec that :func:`parse_rule`
+reads back, ``rule(str(r)) == r``, and a preset is an alias of the classes), so the grammar, its printer and its
+parser change in one place; every reject level is rounded by the same private helpers (``_levels``, ``_ulps``).
 """
 
 from __future__ import annotations

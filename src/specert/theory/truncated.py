@@ -46,6 +46,10 @@ Why (proofs in :func:`truncated_certificate`): W(p, j) = min_{c > 0} [D(p_j, c) 
 with D(a, c) = a log(a/c) - a + c, so W is convex in p, symmetric and non-decreasing in the tokens other than j, and
 non-increasing in p_j. A convex function's maximum over a polytope sits at a vertex, its minimum over a permutation-
 symmetric set at the most even point.
+
+One module: the certificate, KL, entropy and acceptance intervals all read the top K through ``_Known`` and share its
+private helpers (``_level_range`` for certificates and acceptance, ``_entropy_range`` for ``typical`` and the entropy,
+``_widen``, ``_check_topk``); split, each part would import the others' privates.
 """
 
 from __future__ import annotations

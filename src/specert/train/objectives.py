@@ -28,7 +28,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import torch
-import torch.nn.functional as F
+from torch.nn.functional import log_softmax, relu
 
 from specert.drafters.head import DraftHead
 from specert.train.config import DistillConfig
@@ -41,7 +41,7 @@ def objective(kl: torch.Tensor, cert: torch.Tensor, m: torch.Tensor, cfg: Distil
     ``m`` ``[B, T]`` (bool) of the per-entry ``kl`` ``[B, T]`` and C_p ``cert`` ``[B, T]``: a scalar."""
     loss = kl[m].mean()
     if cfg.objective == "certified":
-        loss = loss + cfg.hinge * F.relu(kl - cert)[m].mean()
+        loss = loss + cfg.hinge * relu(kl - cert)[m].mean()
     elif cfg.objective == "reachable":
         ratio = kl.clamp(min=1e-12).log() - cert.clamp(min=1e-12).log()  # [B, T]: log(KL / C_p)
         loss = loss + cfg.hinge * torch.sigmoid(ratio / REACHABLE_TAU)[m].mean()
@@ -103,7 +103,7 @@ def head_losses(head: DraftHead, batch: dict, cfg: DistillConfig) -> dict:
     positions = torch.arange(t)
     out, total = {}, 0.0
     for d, g in enumerate(unrolled(head, feats, tokens, cfg.depths), 1):
-        logq = F.log_softmax(head.draft_logits(g), -1)  # [B, t, S + 1]
+        logq = log_softmax(head.draft_logits(g), -1)  # [B, t, S + 1]
         cross = -((p_s * logq[..., :-1]).sum(-1) + p_rest * (logq[..., -1] - head.log_others))  # [B, t]
         kl = neg_entropy + cross  # [B, t]
         m = valid & (positions >= d - 1)  # [B, t]
@@ -134,7 +134,7 @@ def student_losses(model: torch.nn.Module, batch: dict, cfg: DistillConfig) -> d
         neg_entropy = (p * logp).sum(-1)  # [B, T]
         top1 = batch["top1"].long()  # [B, T]
     logits = model(input_ids=tokens, attention_mask=valid.long(), use_cache=False).logits  # [B, T, V]
-    logq = F.log_softmax(logits.float(), -1)  # [B, T, V]
+    logq = log_softmax(logits.float(), -1)  # [B, T, V]
     kl = neg_entropy - (p * logq).sum(-1)  # [B, T]
     out = {"loss": objective(kl, batch["certificate"], valid, cfg)}
     with torch.no_grad():

@@ -177,10 +177,12 @@ def test_recurrent_states_decode_alone_and_refuse_drafters(arch):
         generate(target, PROMPT, NGramDrafter(2), max_new_tokens=8)
 
 
-def test_compiled_names_the_model_and_the_families_it_takes():
-    target = tiny_model("gemma3")
-    with pytest.raises(ValueError, match=r"drafter 'compiled:int4' cannot run on 'tiny-gemma3-0' "
-                                         r"\(Gemma3ForCausalLM\): only llama, mistral, qwen2, qwen3 models"):
+@pytest.mark.parametrize("arch", ["mistral", "gemma2", "gemma3", "phi3", "gpt_neox", "bloom"])
+def test_compiled_names_the_model_and_the_families_it_takes(arch):
+    target = tiny_model(arch)
+    with pytest.raises(ValueError, match=rf"drafter 'compiled:int4' cannot run on 'tiny-{arch}-0' "
+                                         rf"\({type(target.model).__name__}\): only llama, mistral, qwen2, qwen3 "
+                                         "models without a sliding window"):
         drafter_from_spec("compiled:int4", target)
 
 
@@ -215,9 +217,10 @@ def gemma3():
 @pytest.mark.slow
 def test_a_real_gemma3_gguf_decodes_as_its_target(gemma3):
     """Strict greedy with its first 6 of 18 layers (rejects nearly every draft: the caches are rolled back at
-    almost every step) and with its int4 copy (accepts most), in chains and trees, gives the target's greedy text,
-    which is transformers' own ``generate``'s with its own sliding-window cache: after the chat prompt, and after a
-    prompt that ends 8 tokens short of the 512-token window, which decoding crosses."""
+    almost every step), with its int4 copy (accepts most; its own 4-bit grid over the dequantized Q4_K, Q5_0, Q6_K
+    and Q8_0 weights) and with prompt lookup, in chains and trees, gives the target's greedy text, which is
+    transformers' own ``generate``'s with its own sliding-window cache: after the prompt of the command line's
+    example, and after one that ends 8 tokens short of the 512-token window, which decoding crosses."""
     short = encode_prompt(gemma3, "Explain photosynthesis briefly.")
     text = " ".join(f"Step {i}: the leaf takes in light, water and carbon dioxide." for i in range(60))
     long = gemma3.tokenizer(text)["input_ids"][: 512 - 8]
@@ -231,7 +234,7 @@ def test_a_real_gemma3_gguf_decodes_as_its_target(gemma3):
             theirs = gemma3.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=24,
                                            do_sample=False)[0, len(prompt):].tolist()
         assert theirs[: len(want)] == want
-        for spec in ("layerskip:6", "int4"):
+        for spec in ("layerskip:6", "int4", "ngram:3"):
             for shape in SHAPES:
                 out = generate(gemma3, prompt, drafter_from_spec(spec, gemma3), max_new_tokens=24, **shape)
                 assert out.tokens == want, (spec, shape, len(prompt))

@@ -121,7 +121,7 @@ class ModelDrafter(Drafter):
         frontier = [-1]  # positions to expand at the current depth
         base = len(context)
         for depth in range(schedule.depths):
-            q = torch.stack([rows[p + 1] for p in frontier])  # [F, V]
+            q = torch.stack([rows[p + 1] for p in frontier])  # [Fr, V]
             # a frontier of one is the latest forward's last row: a compiled step computed its D_q(1)
             certificate = self.cache.certificate if isinstance(self.cache, StaticCache) and len(frontier) == 1 \
                 else None

@@ -365,9 +365,10 @@ def _write_report_files(tmp: Path, steps, drafters, rules, curves, tables, cfg, 
     if drafters is not None:
         pq.write_table(drafters, tmp / "drafters.parquet")
         pacsv.write_csv(drafters, tmp / "drafters.csv")
-    header = (f"# specert eval\n\ntarget `{cfg.target}`, prompts `{cfg.prompts}`: {info['prompts_used']} used "
-              f"({info['prompts_dropped']} longer than {cfg.max_prompt_tokens} tokens dropped), up to {cfg.steps} "
-              f"greedy steps each, {len(steps)} steps in all.\n\n**{audit}**\n")
+    what = (f"target {cfg.target}, prompts {cfg.prompts}: {info['prompts_used']} used ({info['prompts_dropped']} "
+            f"longer than {cfg.max_prompt_tokens} tokens dropped), up to {cfg.steps} greedy steps each, "
+            f"{len(steps)} steps in all.")
+    header = f"# specert eval\n\n{what}\n\n**{audit}**\n"
     md = header + "\n" + "\n".join(t.markdown() for t in tables) + "\n" + "\n".join(f"![{p}]({p})" for p in plots)
     (tmp / "summary.md").write_text(md)
     imgs = "".join(f'<img src="data:image/png;base64,{base64.b64encode((tmp / p).read_bytes()).decode()}" '
@@ -375,7 +376,8 @@ def _write_report_files(tmp: Path, steps, drafters, rules, curves, tables, cfg, 
     page = ("<!doctype html><html><head><meta charset='utf-8'><title>specert eval</title><style>"
             "body{font-family:sans-serif;max-width:1100px;margin:auto}table{border-collapse:collapse;font-size:13px}"
             "td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}img{max-width:100%}</style></head><body>"
-            f"<p>{html.escape(header)}</p>" + "".join(t.html() for t in tables) + imgs + "</body></html>")
+            f"<h1>specert eval</h1><p>{html.escape(what)}</p><p><b>{html.escape(audit)}</b></p>"
+            + "".join(t.html() for t in tables) + imgs + "</body></html>")
     (tmp / "report.html").write_text(page)
     (tmp / "summary.json").write_text(json.dumps({"info": info, "decode": decode, "tables": [
         {"title": t.title, "headers": t.headers, "rows": [[_fmt(v) for v in r] for r in t.rows]} for t in tables]},

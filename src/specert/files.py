@@ -90,3 +90,17 @@ def save_safetensors(path, tensors: dict, metadata: dict[str, str]) -> Path:
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
     return path
+
+
+def check_readable_file(path: Path, label: str, what: str = "file") -> None:
+    """Refuse a ``path`` that is a folder, missing or unreadable, with a one-line ``ValueError`` naming it as
+    ``label`` (e.g. ``"prompt file /x.jsonl"``) and ``what`` it should be."""
+    if path.is_dir():
+        raise ValueError(f"{label} is a folder, not a {what}")
+    if not path.is_file():
+        raise ValueError(f"{label}: no such {what}")
+    try:
+        with open(path, "rb") as f:
+            f.read(1)
+    except OSError as e:
+        raise ValueError(f"{label}: cannot read it ({e.strerror or e})") from None

@@ -35,6 +35,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from specert.decoding.models import EMBEDDED, LoadedModel, embedded_gguf_path, load_model
+from specert.files import check_readable_file
 
 # What a spec can be, for the messages.
 SPEC_KINDS = f"'{EMBEDDED}', a .gguf file, a Hugging Face model folder or hub id"
@@ -84,15 +85,7 @@ def check_model_spec(spec: str, served_ok: bool = False) -> ModelSpecInfo:
 
 
 def _readable_file(spec: str, path: Path, what: str) -> None:
-    if path.is_dir():
-        raise ValueError(f"model spec {spec!r} is a folder, not a {what}")
-    if not path.is_file():
-        raise ValueError(f"model spec {spec!r}: no such {what}")
-    try:
-        with open(path, "rb") as f:
-            f.read(1)
-    except OSError as e:
-        raise ValueError(f"model spec {spec!r}: cannot read it ({e.strerror or e})") from None
+    check_readable_file(path, f"model spec {spec!r}", what)
 
 
 def _check_served(spec: str, served_ok: bool) -> ModelSpecInfo:

@@ -13,6 +13,7 @@ from specert.decoding.model_specs import ModelSpecInfo, check_model_spec
 from specert.decoding.schedules import Schedule, make_schedule
 from specert.drafters.spec import architecture_problem, check_drafter_spec
 from specert.drafters.storage import HEAD_FORMAT, PRUNED_FORMAT, SHIPPED
+from specert.files import check_readable_file
 from specert.theory.rules import Rule, rule
 
 
@@ -71,15 +72,7 @@ def check_output_file(path, name: str = "output file", suffix: str | None = None
 def check_input_file(path, name: str = "input file") -> Path:
     """Refuse a file that is missing, a folder, or unreadable; returns the path."""
     path = Path(path).expanduser()
-    if path.is_dir():
-        raise ValueError(f"{name} {path} is a folder, not a file")
-    if not path.is_file():
-        raise ValueError(f"{name} {path}: no such file")
-    try:
-        with open(path, "rb") as f:
-            f.read(1)
-    except OSError as e:
-        raise ValueError(f"{name} {path}: cannot read it ({e.strerror or e})") from None
+    check_readable_file(path, f"{name} {path}")
     return path
 
 

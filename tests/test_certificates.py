@@ -11,6 +11,8 @@ import reference
 import specert
 from reference import random_logits
 from specert.theory.rules import Tree, rule
+from specert.theory.stats import COMPILE_MIN_ELEMENTS, masked_max
+from specert.theory.tensors import top_k
 
 CASES = 300  # random distributions per brute-force check
 BRUTE_RULES = [
@@ -256,6 +258,58 @@ class TestEdgeCases:
             finite = torch.isfinite(c64)
             assert torch.equal(finite, torch.isfinite(c32)), spec
             assert torch.allclose(c32[finite], c64[finite], rtol=2e-5), spec
+
+
+class TestOnePass:
+    """The pass over the vocabulary (specert.theory.stats.gather): its top-k through chunk maxima and its search for
+    rejected tokens, compiled for large blocks, give what plain torch gives."""
+
+    @pytest.mark.parametrize("vocab", [5, 300, 4099, 70000])
+    def test_top_k_matches_torch_topk(self, vocab):
+        g = torch.Generator().manual_seed(vocab)
+        for k in (1, 3, 16, 40):
+            k = min(k, vocab)
+            x = torch.randn(5, vocab, generator=g)
+            x[1] = x[1].round()  # many ties
+            x[2, torch.rand(vocab, generator=g) < 0.9] = -math.inf  # mostly masked
+            x[3] = -5.0  # one value everywhere
+            values, index = top_k(x, k)
+            assert torch.equal(values, torch.topk(x, k, -1).values)
+            assert torch.equal(x.gather(-1, index), values)
+            assert all(len(set(row.tolist())) == k for row in index)
+
+    def test_a_large_batch_equals_its_rows_one_at_a_time(self):
+        # the batch's blocks hold more than COMPILE_MIN_ELEMENTS values (the compiled search for rejected tokens);
+        # one row is far below it (plain torch)
+        g = torch.Generator().manual_seed(11)
+        vocab = 2**16 + 5
+        x = torch.randn(2 * COMPILE_MIN_ELEMENTS // vocab, vocab, generator=g)  # flat rows: deep searches
+        x[1] *= 3
+        x[2, :100] += 12.0  # a peaked row
+        x[3, torch.rand(vocab, generator=g) < 0.5] = -math.inf  # masked tokens
+        x[4, 1:] = -math.inf  # a point mass
+        rules = [*specert.STANDARD_RULES, "typical:0.2,0.5,1e-05", "threshold:0.02"]
+        together = specert.certificates(x, rules)
+        for i in range(len(x)):
+            alone = specert.certificates(x[i : i + 1], rules)
+            for spec in rules:
+                # the float32 normaliser sums in a different order: a few units in its last place; a wrong rejected
+                # token moves a certificate by far more (neighbouring logits here lie ~1e-4 apart)
+                torch.testing.assert_close(together[spec][i : i + 1], alone[spec], rtol=1e-6, atol=0,
+                                           msg=f"row {i}, {spec}")
+
+    def test_masked_max_compiled_equals_eager(self):
+        g = torch.Generator().manual_seed(5)
+        block = torch.randn(20, COMPILE_MIN_ELEMENTS // 16, generator=g)
+        block[3, ::7] = -math.inf
+        level = torch.stack([block.amax(-1) - 1.0, block.amax(-1) + 1, torch.full((20,), -math.inf),
+                             torch.full((20,), -9.0)], -1)  # [20, 4]
+        best, lowest = masked_max(block, level)
+        assert torch.equal(best[:, 1], block.amax(-1))
+        assert torch.equal(lowest, block.amin(-1))
+        for j in range(level.shape[-1]):
+            kept = torch.where(block <= level[:, j, None], block, -math.inf)
+            assert torch.equal(best[:, j], kept.amax(-1)), j
 
 
 class TestBadInput:

@@ -104,3 +104,17 @@ def test_no_import_cycle():
 
     for name in graph:
         visit(name)
+
+
+def test_the_theory_stays_on_the_device_of_its_input():
+    """No ``.cpu()``, ``.to("cpu")`` or CPU device in specert.theory: certificates are computed where the logits live
+    (the numpy shortcuts are taken only after checking ``device.type == "cpu"``, and numpy input is CPU already)."""
+    for name, tree in MODULES.items():
+        if not name.startswith("specert.theory"):
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+                assert node.func.attr != "cpu", f"{name}:{node.lineno} moves a tensor to the CPU"
+                args = [*node.args, *(k.value for k in node.keywords)]
+                assert not any(isinstance(a, ast.Constant) and a.value == "cpu" for a in args), \
+                    f"{name}:{node.lineno} names the CPU device"

@@ -52,6 +52,7 @@ def test_block_influence_finds_a_layer_that_changes_nothing():
         layers_to_keep(bi, 4)
 
 
+@pytest.mark.slow  # trains a pruned drafter first (the module's fixture): about 13 s
 def test_pruned_distillation_lowers_held_out_kl(pruned, tiny_chat_dir):
     cfg, work, report = pruned
     meta = json.loads((work / "meta.json").read_text())
@@ -67,6 +68,7 @@ def test_pruned_distillation_lowers_held_out_kl(pruned, tiny_chat_dir):
     assert set(after) >= {"agree/1", "certified/1", "median_kl/1"} and "kl/2" not in after
 
 
+@pytest.mark.slow  # trains a pruned drafter first (the module's fixture): about 13 s
 def test_served_drafter_is_the_trained_one(pruned, tiny_chat_dir):
     """The int4 drafter (integer kernels, bfloat16 activations) computes what training optimised: the float model
     on the same grid."""
@@ -86,6 +88,7 @@ def test_served_drafter_is_the_trained_one(pruned, tiny_chat_dir):
         assert float((untrained(torch.tensor([seq])).logits[0] - ref).abs().max()) > 0.05 * float(ref.abs().max())
 
 
+@pytest.mark.slow  # trains a pruned drafter first (the module's fixture): about 13 s
 @pytest.mark.parametrize("shape", [{"k": 4}, {"tree": "3,2,1"}, {"k": "auto:6"}])
 def test_saved_pruned_drafter_decodes_losslessly(pruned, tiny_chat_dir, shape):
     _, work, _ = pruned
@@ -93,6 +96,7 @@ def test_saved_pruned_drafter_decodes_losslessly(pruned, tiny_chat_dir, shape):
     assert_decodes_losslessly(target, drafter_from_spec(f"pruned:{work / 'p.safetensors'}", target), shape)
 
 
+@pytest.mark.slow  # trains a pruned drafter first (the module's fixture): about 13 s
 def test_pruned_drafter_for_another_target_is_refused(pruned, tiny_chat_dir, tmp_path):
     from safetensors.torch import save_file
 
@@ -112,6 +116,7 @@ def test_pruned_drafter_for_another_target_is_refused(pruned, tiny_chat_dir, tmp
         drafter_from_spec("pruned", target)
 
 
+@pytest.mark.slow  # trains a pruned drafter first (the module's fixture): about 13 s
 def test_distill_cli_pruned(pruned, tiny_chat_dir, chats):
     from click.testing import CliRunner
 

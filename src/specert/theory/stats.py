@@ -2,9 +2,10 @@
 
 A certificate depends on the target distribution only through its normaliser, its few most probable tokens, the
 most probable token a rule rejects and (for Medusa's rule) its entropy. :func:`gather` reads logits ``[N, V]`` once,
-block by block so that each block stays in the CPU cache: per block one ``topk``, one ``exp`` pass for the
-normaliser (and the entropy when asked), and, only for the rows where a rule rejects none of the gathered top
-tokens, one masked ``max`` pass that finds the most probable token it rejects. Never a full sort. Everything after
+block by block so that each block stays in the CPU cache: per block one top-k (through chunk maxima,
+:func:`~specert.theory.tensors.top_k`), one ``exp`` pass for the normaliser (and the entropy when asked), and,
+only for the rows where a rule rejects none of the gathered top tokens, one masked ``max`` pass for all the rules
+together (:func:`masked_max`) that finds the most probable token each rejects. Never a full sort. Everything after
 that works on ``[N, k]`` tensors, on the device of the logits.
 
 Notation (per row): l_1 >= l_2 >= ... the sorted logits, a_x = l_x - l_1 <= 0 the gaps to the top,
@@ -21,16 +22,19 @@ Weighted by the terms, |a_x| averages E_p[l_1 - l] <= H(p) <= log V, so the rela
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
-from specert.theory.tensors import row_blocks
+from specert.theory.tensors import row_blocks, top_k
 
 # Top tokens gathered at first; more are gathered only for the rows where a water-filling runs past them.
 DEFAULT_TOP = 16
+# Blocks from this many values on search for rejected tokens with a compiled kernel (see :func:`masked_max`).
+COMPILE_MIN_ELEMENTS = 2**20
 # Depth of the floating-point reduction that sums the normaliser (see the module's NOTE).
 REDUCTION_DEPTH = 128
 
@@ -124,7 +128,7 @@ class TargetStats:
             values = torch.empty(n, k, dtype=self.logits.dtype, device=self.device)
             index = torch.empty(n, k, dtype=torch.int64, device=self.device)
             for s in row_blocks(n, self.vocab_size):
-                torch.topk(self.logits[s], k, dim=-1, out=(values[s], index[s]))
+                values[s], index[s] = top_k(self.logits[s], k)
             self.top_logits, self.top_index = values, index
 
     def entropy(self, offset: float = 0.0) -> torch.Tensor:
@@ -209,7 +213,7 @@ def gather(
     for s in row_blocks(n, vocab):
         block = logits[s]  # [b, V]
         top = top_logits[s]
-        torch.topk(block, k, dim=-1, out=(top, top_index[s]))
+        top[:], top_index[s] = top_k(block, k)
         if gaps is None:
             gaps, values = torch.empty_like(block), torch.empty_like(block) if shannon else None
         a = gaps[: len(block)]
@@ -228,16 +232,55 @@ def gather(
                 entropies[o][s], errors[o][s] = _entropy(block, top[:, 0], log_s[s], s_rtol, o)
         if levels:
             view = stats.view(s)
+            found = [_rejected_in_top(view, fn(view), with_index) for fn in levels]
+            searches = [_to_search(view, r) for r in found]
+            needed = [j for j, search in enumerate(searches) if search.any()]
             masked = None  # whether each row of the block has a masked token: asked once at most
-            for fn, out in zip(levels, stats.rejected):
-                r = _rejected_in_top(view, fn(view), with_index)
-                search = _to_search(view, r)
-                if search.any():
-                    masked = _search_block(block, r, search, with_index, masked)
+            if needed and not with_index:
+                level = torch.stack([found[j].level for j in needed], -1)  # [b, J]
+                best, lowest = masked_max(block, level)  # [b, J], [b]
+                best, masked = best.unbind(-1), torch.isneginf(lowest)
+            for j in needed:
+                masked = _search_block(block, found[j], searches[j], with_index, masked,
+                                       None if with_index else best[needed.index(j)])
+            for r, out in zip(found, stats.rejected):
                 for name in ("level", "logit", "index", "found"):
                     if getattr(r, name) is not None:
                         getattr(out, name)[s] = getattr(r, name)
     return stats
+
+
+def _masked_max(block: torch.Tensor, level: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """max { l in the row : l <= level } of ``block [b, V]`` for each column of ``level [b, J]``, and the row's
+    minimum."""
+    x = block[:, None, :]  # [b, 1, V]
+    best = torch.where(x <= level[:, :, None], x, float("-inf")).amax(-1)  # [b, J], -inf where none
+    return best, block.amin(-1)  # [b, J], [b]
+
+
+@functools.cache
+def _compiled_masked_max() -> Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    return torch.compile(_masked_max, dynamic=True)
+
+
+def masked_max(block: torch.Tensor, level: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The largest logit at or below each level, per row, and the row's smallest logit (-inf where a token is
+    masked): ``block [b, V]``, ``level [b, J]`` -> ``([b, J], [b])``, -inf where a row has no logit at or below a
+    level. Exact: a maximum does not round.
+
+    NOTE: eager torch makes a comparison, a ``where`` and an ``amax`` pass per level, together about 1.1x
+    ``logsumexp`` over the block; compiled (one fused loop over the block for all levels) about 0.1x per level
+    (``python benchmarks/certificate_cost.py``). Blocks of at least ``COMPILE_MIN_ELEMENTS`` values on CPU or CUDA
+    use the compiled kernel, compiled once per process (a few seconds, dynamic shapes); smaller blocks, other
+    devices, a graph being compiled or a compiler that fails use eager torch, with the same result.
+    """
+    if (block.numel() >= COMPILE_MIN_ELEMENTS and block.device.type in ("cpu", "cuda")
+            and not torch.compiler.is_compiling()):
+        try:
+            return _compiled_masked_max()(block, level)
+        except Exception:  # noqa: BLE001 - no working compiler here: eager torch gives the same values
+            _compiled_masked_max.cache_clear()
+    return _masked_max(block, level)
 
 
 def _entropy(logits, top, log_s, s_rtol, offset) -> tuple[torch.Tensor, torch.Tensor]:
@@ -275,12 +318,15 @@ def _to_search(stats: TargetStats, r: Rejected) -> torch.Tensor:
     return ~r.found
 
 
-def _search_block(block, r: Rejected, search, with_index: bool, masked=None):
+def _search_block(block, r: Rejected, search, with_index: bool, masked=None, best=None):
     """Fill ``r`` in place for the rows ``search`` of ``block [b, V]``: the largest logit at or below the level; a
     masked token (-inf) where only masked tokens are; not found where none is. Returns whether each row of the block
-    has a masked token, where it was needed (``masked``: the same, from an earlier call on this block, or None)."""
+    has a masked token, where it was needed (``masked``: the same, from an earlier call on this block, or None).
+    ``best [b]``: the largest logit at or below the level in every row, when already found (:func:`masked_max`)."""
     rows = search & ~torch.isneginf(r.level)  # rows where a finite logit may be rejected
-    if rows.any():
+    if best is not None:
+        r.logit.copy_(torch.where(rows, best, r.logit))
+    elif rows.any():
         dense = 2 * int(rows.sum()) >= len(block)  # most rows: one pass over the block, not a gather of rows
         sub = block if dense else block[rows]
         lv = r.level if dense else r.level[rows]

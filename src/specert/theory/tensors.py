@@ -10,8 +10,8 @@ function makes over a block read memory once.
 
 Tensors stay on their device: everything here and in the modules above it is torch, on the device of the input
 (numpy fast paths are taken for CPU tensors only). What was verified where: the test suite runs on CPU; the device
-handling is the same code on CUDA, checked by ``tests/test_numerics.py`` (no ``.cpu()``, ``.numpy()`` or CPU
-device outside the guarded numpy paths, and the one pass runs on the ``meta`` device).
+handling is the same code on CUDA, untested there; ``tests/test_layout.py`` checks that no module of
+``specert.theory`` moves a tensor to the CPU or names the CPU device in a call.
 """
 
 from __future__ import annotations
@@ -117,6 +117,43 @@ def row_blocks(n_rows: int, vocab: int) -> Iterator[slice]:
     rows = max(1, BLOCK_ELEMENTS // vocab)
     for start in range(0, n_rows, rows):
         yield slice(start, min(start + rows, n_rows))
+
+
+# Width of the chunks :func:`top_k` takes the maximum of (see its NOTE).
+TOPK_CHUNK = 64
+
+
+def top_k(block: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` largest values of each row of ``block [b, V]`` and their indices, sorted descending, as
+    ``torch.topk`` gives them (the same values; which of several equal values is named may differ).
+
+    Through chunk maxima: the row is cut into chunks of ``TOPK_CHUNK`` values, the ``k`` chunks with the largest
+    maxima are kept and ``topk`` runs on their ``k * TOPK_CHUNK`` values (and the tail past the last whole chunk).
+    They hold the ``k`` largest values: a value above the k-th largest v_k sits in a chunk whose maximum exceeds
+    v_k; were that chunk not kept, k kept chunks with larger maxima and it would hold k + 1 distinct values above
+    v_k. If fewer than k chunks reach v_k, all of them are kept and hold every value >= v_k; otherwise each of the
+    k kept ones holds one. NaN, the largest for ``topk`` and ``amax`` alike, comes first as with ``topk``.
+
+    NOTE: torch's CPU ``topk`` over one row of 150k logits costs about as much as ``logsumexp`` over it (a
+    selection per row, parallel across rows only), the chunk maxima about 0.07x of it (one vectorised ``amax``):
+    ``python benchmarks/certificate_cost.py`` measures the certificates that depend on it.
+    """
+    b, vocab = block.shape
+    n_chunks = vocab // TOPK_CHUNK
+    if n_chunks < 4 * k:
+        return torch.topk(block, k, dim=-1)
+    if block.stride(-1) != 1:
+        block = block.contiguous()
+    whole = n_chunks * TOPK_CHUNK
+    chunks = block[:, :whole].unflatten(-1, (n_chunks, TOPK_CHUNK))  # [b, C, 64] view
+    kept = chunks.amax(-1).topk(k, dim=-1).indices  # [b, k] chunk numbers
+    offsets = torch.arange(TOPK_CHUNK, device=block.device)  # [64]
+    index = (kept[:, :, None] * TOPK_CHUNK + offsets).flatten(1)  # [b, k * 64] positions in the row
+    if whole < vocab:
+        tail = torch.arange(whole, vocab, device=block.device).expand(b, -1)  # [b, V - whole]
+        index = torch.cat([index, tail], -1)  # [b, k * 64 + V - whole]
+    values, where = block.gather(-1, index).topk(k, dim=-1)  # [b, k] each
+    return values, index.gather(-1, where)
 
 
 def map_blocks(fn: Callable[..., torch.Tensor], *arrays: torch.Tensor) -> torch.Tensor:

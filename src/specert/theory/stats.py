@@ -34,7 +34,7 @@ from specert.theory.tensors import row_blocks, top_k
 # Top tokens gathered at first; more are gathered only for the rows where a water-filling runs past them.
 DEFAULT_TOP = 16
 # Blocks from this many values on search for rejected tokens with a compiled kernel (see :func:`masked_max`).
-COMPILE_MIN_ELEMENTS = 2**20
+COMPILE_MIN_ELEMENTS = 2**16
 # Depth of the floating-point reduction that sums the normaliser (see the module's NOTE).
 REDUCTION_DEPTH = 128
 

@@ -6,9 +6,9 @@ template; the same token ids sent to both), batch 1, temperature 0, ``--max-new-
 ignored. Methods:
 
 - vLLM plain, and vLLM with its n-gram speculation (``--speculative-config`` ngram, ``--k`` tokens, lookup
-  ``--lookup MIN,MAX``): two servers started and stopped by this script (``tests/vllm_server.py``: float32, eager,
-  ``VLLM_CPU_KVCACHE_SPACE=1``, Intel OpenMP preloaded, one compute thread on 2 cores), timed per request from the
-  client (HTTP included);
+  ``--lookup MIN,MAX``), both without prefix caching: two servers started and stopped by this script
+  (``tests/vllm_server.py``: float32, eager, ``VLLM_CPU_KVCACHE_SPACE=1``, Intel OpenMP preloaded, one compute
+  thread on 2 cores), timed per request from the client (HTTP included);
 - specert plain (``specert.decoding.loop.generate`` without a drafter) and with drafters: ``compiled:int4`` k=auto,
   ``int4`` (its default k=3), ``ngram:3`` (k=4), and ``vllm-ngram:MIN,MAX`` with k=``--k``: vLLM's own proposer in
   specert's decoder (``Generation.seconds``: prefill and decoding).
@@ -106,8 +106,11 @@ def main():
     warm = encode_prompt(target, WARM_UP)
     folder = embedded_hf_folder()
     print(f"starting two vLLM servers on {folder} ...", flush=True)
+    # NOTE: no prefix caching: specert caches no prompt between requests, and a prompt served from vLLM's prefix
+    # cache may count one draft more than the proposer makes (specert.served.engine's docstring)
+    no_cache = ["--no-enable-prefix-caching"]
     with ThreadPoolExecutor(2) as pool:  # both at once: most of a start is imports, one process after another
-        starts = [pool.submit(start_vllm, folder, extra) for extra in
+        starts = [pool.submit(start_vllm, folder, no_cache + extra) for extra in
                   ([], ["--speculative-config", ngram.speculative_config()])]
         servers = [s.result() for s in starts]
     (plain_url, plain_pid), (ngram_url, ngram_pid) = servers

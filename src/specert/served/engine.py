@@ -36,7 +36,11 @@ How vLLM's greedy speculative decoding runs, which :func:`replay` follows (a req
   ``861-876``): a step may count acceptances of tokens past the end of the returned text. The replay therefore
   needs the greedy text to run ``k - 1`` tokens past ``max_tokens`` (and past EOS), which the cross-check asks for
   in a second request;
-- the request ends after the step whose tokens reach ``max_tokens`` or EOS; no draft is proposed after it.
+- the request ends after the step whose tokens reach ``max_tokens`` or EOS; no draft is proposed after it;
+- a prompt served from the prefix cache may count one draft more, none of it accepted: a 769-token Spec-Bench
+  prompt (summarization) asked a second time counts 17 drafts against 16 the first time, with the same text and
+  accepted counts; with ``--no-enable-prefix-caching``, or prompts new to the server, the counts are the replay's.
+  The cross-check therefore wants a server started without prefix caching, or prompts it has not seen.
 
 A draft model (``{"method": "draft_model", ...}``, ``draft_sample_method`` greedy by default) drafts k tokens at
 every step, each its greedy token after the tokens before it. Its draft agrees with the text for as long as its

@@ -22,7 +22,6 @@ Weighted by the terms, |a_x| averages E_p[l_1 - l] <= H(p) <= log V, so the rela
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -161,7 +160,9 @@ class TargetStats:
             for s in row_blocks(*self.logits.shape):
                 if search[s].any():
                     part = Rejected(r.level[s], r.logit[s], r.index[s] if with_index else None, r.found[s])
-                    _search_block(self.logits[s], part, search[s], with_index)
+                    best, index, masked = _largest_at_or_below(self.logits[s], r.level[s, None], with_index)
+                    _fill_rejected(self.logits[s], part, search[s], best[:, 0],
+                                   None if index is None else index[:, 0], masked)
         return r.logit, r.index, r.found
 
 
@@ -235,14 +236,12 @@ def gather(
             found = [_rejected_in_top(view, fn(view), with_index) for fn in levels]
             searches = [_to_search(view, r) for r in found]
             needed = [j for j, search in enumerate(searches) if search.any()]
-            masked = None  # whether each row of the block has a masked token: asked once at most
-            if needed and not with_index:
+            if needed:  # one search of the block for every level that needs it
                 level = torch.stack([found[j].level for j in needed], -1)  # [b, J]
-                best, lowest = masked_max(block, level)  # [b, J], [b]
-                best, masked = best.unbind(-1), torch.isneginf(lowest)
-            for j in needed:
-                masked = _search_block(block, found[j], searches[j], with_index, masked,
-                                       None if with_index else best[needed.index(j)])
+                best, index, masked = _largest_at_or_below(block, level, with_index)  # [b, J], [b, J] or None, [b]
+                for col, j in enumerate(needed):
+                    _fill_rejected(block, found[j], searches[j], best[:, col],
+                                   None if index is None else index[:, col], masked)
             for r, out in zip(found, stats.rejected):
                 for name in ("level", "logit", "index", "found"):
                     if getattr(r, name) is not None:
@@ -258,9 +257,25 @@ def _masked_max(block: torch.Tensor, level: torch.Tensor) -> tuple[torch.Tensor,
     return best, block.amin(-1)  # [b, J], [b]
 
 
-@functools.cache
-def _compiled_masked_max() -> Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
-    return torch.compile(_masked_max, dynamic=True)
+class _CompiledOnce:
+    """``fn`` compiled by ``torch.compile`` (dynamic shapes) on its first call; plain ``fn`` from the first failure
+    on (no working compiler here), without trying to compile again."""
+
+    def __init__(self, fn: Callable):
+        self.fn, self.compiled, self.failed = fn, None, False
+
+    def __call__(self, *args):
+        if not self.failed:
+            try:
+                if self.compiled is None:
+                    self.compiled = torch.compile(self.fn, dynamic=True)
+                return self.compiled(*args)
+            except Exception:  # noqa: BLE001 - no working compiler: plain torch gives the same values
+                self.failed = True
+        return self.fn(*args)
+
+
+_COMPILED_MASKED_MAX = _CompiledOnce(_masked_max)
 
 
 def masked_max(block: torch.Tensor, level: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -276,10 +291,7 @@ def masked_max(block: torch.Tensor, level: torch.Tensor) -> tuple[torch.Tensor, 
     """
     if (block.numel() >= COMPILE_MIN_ELEMENTS and block.device.type in ("cpu", "cuda")
             and not torch.compiler.is_compiling()):
-        try:
-            return _compiled_masked_max()(block, level)
-        except Exception:  # noqa: BLE001 - no working compiler here: eager torch gives the same values
-            _compiled_masked_max.cache_clear()
+        return _COMPILED_MASKED_MAX(block, level)
     return _masked_max(block, level)
 
 
@@ -318,38 +330,31 @@ def _to_search(stats: TargetStats, r: Rejected) -> torch.Tensor:
     return ~r.found
 
 
-def _search_block(block, r: Rejected, search, with_index: bool, masked=None, best=None):
-    """Fill ``r`` in place for the rows ``search`` of ``block [b, V]``: the largest logit at or below the level; a
-    masked token (-inf) where only masked tokens are; not found where none is. Returns whether each row of the block
-    has a masked token, where it was needed (``masked``: the same, from an earlier call on this block, or None).
-    ``best [b]``: the largest logit at or below the level in every row, when already found (:func:`masked_max`)."""
+def _largest_at_or_below(block: torch.Tensor, level: torch.Tensor, with_index: bool):
+    """For each column of ``level [b, J]`` the largest logit of each row of ``block [b, V]`` at or below it
+    (``[b, J]``, -inf where none), its index (``[b, J]``, or None unless ``with_index``) and whether each row has a
+    masked token (``[b]``). Without the index: :func:`masked_max`; with it (the extremal drafter): plain torch."""
+    if not with_index:
+        best, lowest = masked_max(block, level)
+        return best, None, torch.isneginf(lowest)
+    x = block[:, None, :]  # [b, 1, V]
+    best, index = torch.where(x <= level[:, :, None], x, float("-inf")).max(-1)  # [b, J] each
+    return best, index, torch.isneginf(block.amin(-1))
+
+
+def _fill_rejected(block, r: Rejected, search, best, index, masked) -> None:
+    """Fill ``r`` in place for the rows ``search`` of ``block [b, V]`` from the search's ``best [b]`` (the largest
+    logit at or below the level), its ``index [b]`` (or None) and ``masked [b]`` (the row has a masked token): that
+    logit; a masked token (-inf) where only masked tokens are rejected; not found where none is."""
     rows = search & ~torch.isneginf(r.level)  # rows where a finite logit may be rejected
-    if best is not None:
-        r.logit.copy_(torch.where(rows, best, r.logit))
-    elif rows.any():
-        dense = 2 * int(rows.sum()) >= len(block)  # most rows: one pass over the block, not a gather of rows
-        sub = block if dense else block[rows]
-        lv = r.level if dense else r.level[rows]
-        kept = torch.where(sub <= lv[:, None], sub, float("-inf"))  # [b', V]
-        best, where = kept.max(-1) if with_index else (kept.amax(-1), None)
-        if dense:
-            r.logit.copy_(torch.where(rows, best, r.logit))
-            if with_index:
-                r.index.copy_(torch.where(rows, where, r.index))
-        else:
-            idx = rows.nonzero()[:, 0]
-            r.logit[idx] = best
-            if with_index:
-                r.index[idx] = where
+    r.logit.copy_(torch.where(rows, best, r.logit))
+    if index is not None:
+        r.index.copy_(torch.where(rows, index, r.index))
     # No finite logit rejected: a masked token is, if the row has one (its logit is then -inf, as the level may be).
     none_finite = search & (~rows | torch.isneginf(r.logit))
     r.found |= search & ~none_finite
     if none_finite.any():
-        if masked is None:
-            masked = torch.isneginf(block.amin(-1))  # [b]
         r.found |= none_finite & masked
         r.logit.copy_(torch.where(none_finite, float("-inf"), r.logit))
-        if with_index:
+        if index is not None:
             r.index.copy_(torch.where(none_finite, block.argmin(-1), r.index))
-    return masked
-

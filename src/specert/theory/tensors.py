@@ -142,8 +142,6 @@ def top_k(block: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     n_chunks = vocab // TOPK_CHUNK
     if n_chunks < 4 * k:
         return torch.topk(block, k, dim=-1)
-    if block.stride(-1) != 1:
-        block = block.contiguous()
     whole = n_chunks * TOPK_CHUNK
     chunks = block[:, :whole].unflatten(-1, (n_chunks, TOPK_CHUNK))  # [b, C, 64] view
     kept = chunks.amax(-1).topk(k, dim=-1).indices  # [b, k] chunk numbers

@@ -1,6 +1,6 @@
 """What certificates cost: every standard rule alone and the set of 12 in one call, as ratios to torch.logsumexp
-on the same logits in the same run (``specert.study.bench``), over three kinds of logits (standard normal, x3,
-the embedded model's own), batch 1, 32 and 512, V = 49152 and 151936, float32, median of ``--repeat`` calls.
+on the same logits, call by call (``specert.study.bench``), over three kinds of logits (standard normal, x3,
+the embedded model's own), batch 1, 32 and 512, V = 49152 and 151936, float32, medians of ``--repeat`` rounds.
 
 Goals: every single rule at most 1.5x logsumexp and the set at most 2x, at batch 32 and 512, V = 151936. The report
 is printed and written to ``benchmarks/results/certificate_cost-<date>-<commit>.md``.
@@ -33,8 +33,8 @@ def main():
     vocabs = [int(v) for v in args.vocab.split(",")]
     rows = model_rows()
     say = report.print
-    say(f"float32 logits, {torch.get_num_threads()} torch threads, median of {args.repeat} calls; ratios to "
-        "torch.logsumexp on the same tensor")
+    say(f"float32 logits, {torch.get_num_threads()} torch threads; each entry timed in {args.repeat} rounds of one "
+        "call of it and one of torch.logsumexp on the same tensor: medians over the rounds")
     summary = []
     for vocab in vocabs:
         for batch in batches:

@@ -10,10 +10,10 @@ import torch
 import reference
 import specert
 from reference import random_logits
-from specert.theory import stats
+from specert.theory import stats, tensors
 from specert.theory.rules import Tree, rule
-from specert.theory.stats import COMPILE_MIN_ELEMENTS, masked_max
-from specert.theory.tensors import top_k
+from specert.theory.stats import masked_max
+from specert.theory.tensors import COMPILE_MIN_ELEMENTS, chunk_extremes, top_k
 
 CASES = 300  # random distributions per brute-force check
 BRUTE_RULES = [
@@ -279,35 +279,79 @@ class TestOnePass:
             assert torch.equal(x.gather(-1, index), values)
             assert all(len(set(row.tolist())) == k for row in index)
 
-    def test_the_compiled_search_gives_the_certificates_of_plain_torch(self, monkeypatch):
-        g = torch.Generator().manual_seed(11)
-        vocab = 32773
+    @staticmethod
+    def _flat_peaked_masked(vocab, seed=11):
+        g = torch.Generator().manual_seed(seed)
         x = torch.randn(16, vocab, generator=g)  # flat rows: deep searches
         x[1] *= 3
         x[2, :100] += 12.0  # a peaked row
         x[3, torch.rand(vocab, generator=g) < 0.5] = -math.inf  # masked tokens
         x[4, 1:] = -math.inf  # a point mass
+        return x
+
+    def test_the_compiled_kernels_give_the_certificates_of_plain_torch(self, monkeypatch):
+        x = self._flat_peaked_masked(32773)
         rules = [*specert.STANDARD_RULES, "typical:0.2,0.5,1e-05", "threshold:0.02"]
+        single = [rule(r) for r in rules if not isinstance(rule(r), Tree)]
         assert x.numel() >= COMPILE_MIN_ELEMENTS
         compiled = specert.certificates(x, rules)
-        monkeypatch.setattr(stats, "COMPILE_MIN_ELEMENTS", x.numel() + 1)  # every block searched by plain torch
+        found = stats.gather(x, 16, [0.0], [r.reject_bound for r in single]).rejected
+        monkeypatch.setattr(tensors, "COMPILE_MIN_ELEMENTS", x.numel() + 1)  # every block by plain torch
         plain = specert.certificates(x, rules)
+        for a, b in zip(found, stats.gather(x, 16, [0.0], [r.reject_bound for r in single]).rejected):
+            assert torch.equal(a.logit, b.logit) and torch.equal(a.found, b.found)  # the same rejected tokens
         for spec in rules:
-            assert torch.equal(compiled[spec], plain[spec]), spec
+            # the normalisers differ only in the order of their sums (relative 1e-7), far below the rounding
+            assert torch.equal(torch.isfinite(compiled[spec]), torch.isfinite(plain[spec])), spec
+            finite = torch.isfinite(plain[spec])
+            assert torch.allclose(compiled[spec][finite], plain[spec][finite], rtol=1e-6, atol=0), spec
 
-    def test_masked_max_compiled_equals_eager(self):
+    @pytest.mark.parametrize("compiled", [True, False])
+    @pytest.mark.parametrize("vocab", [50, 32773])
+    def test_exp_sums_within_their_error_bound(self, monkeypatch, compiled, vocab):
+        x = self._flat_peaked_masked(vocab, seed=vocab)
+        x[5] *= 30  # gaps down to about -300: terms that underflow float32
+        if not compiled:
+            monkeypatch.setattr(tensors, "COMPILE_MIN_ELEMENTS", x.numel() + 1)
+        top = x.amax(-1)
+        total, gaps = stats.exp_sums(x, top, with_gaps=True)
+        a = x.double() - top.double()[:, None]  # exact: a float32 difference fits in float64
+        e = torch.exp(a)
+        exact_total, exact_gaps = e.sum(-1), torch.where(e > 0, e * a, 0.0).sum(-1)
+        rtol = stats.normaliser_rtol(torch.float32, vocab)
+        for s in (total, stats.exp_sums(x, top)[0]):
+            assert torch.all((s - exact_total).abs() <= rtol * exact_total)
+        # the bound the entropy's error relies on (stats.gather)
+        gap_rtol = rtol + 107 * stats.unit_roundoff(torch.float32)
+        assert torch.all((gaps - exact_gaps).abs() <= gap_rtol * exact_gaps.abs() + 1e-30 * vocab)
+
+    @pytest.mark.parametrize("vocab", [50, 4099, 70000])
+    def test_chunk_extremes(self, monkeypatch, vocab):
+        x = self._flat_peaked_masked(vocab, seed=vocab)
+        for compiled in (True, False):
+            if not compiled:
+                monkeypatch.setattr(tensors, "COMPILE_MIN_ELEMENTS", x.numel() + 1)
+            assert compiled == (x.numel() >= tensors.COMPILE_MIN_ELEMENTS) or vocab == 50
+            chunk_max, lowest = chunk_extremes(x)
+            whole = vocab - vocab % tensors.TOPK_CHUNK
+            assert torch.equal(chunk_max, x[:, :whole].reshape(len(x), -1, tensors.TOPK_CHUNK).amax(-1))
+            assert torch.equal(lowest, x.amin(-1))
+            assert torch.equal(top_k(x, 16, chunk_max)[0], torch.topk(x, 16, -1).values)
+
+    def test_masked_max_compiled_equals_plain_torch(self):
         g = torch.Generator().manual_seed(5)
         block = torch.randn(20, COMPILE_MIN_ELEMENTS // 16, generator=g)
         assert block.numel() >= COMPILE_MIN_ELEMENTS
         block[3, ::7] = -math.inf
-        level = torch.stack([block.amax(-1) - 1.0, block.amax(-1) + 1, torch.full((20,), -math.inf),
-                             torch.full((20,), -9.0)], -1)  # [20, 4]
-        best, lowest = masked_max(block, level)
-        assert torch.equal(best[:, 1], block.amax(-1))
-        assert torch.equal(lowest, block.amin(-1))
-        for j in range(level.shape[-1]):
-            kept = torch.where(block <= level[:, j, None], block, -math.inf)
-            assert torch.equal(best[:, j], kept.amax(-1)), j
+        top = block.amax(-1)
+        level = torch.stack([top - 1.0, top + 1, torch.full((20,), -math.inf), torch.full((20,), -9.0)], -1)
+        row = torch.tensor([0, 3, 3, 3, 3, 7, 19, 19])  # [P] pairs of a row and one of its levels
+        col = torch.tensor([0, 0, 1, 2, 3, 1, 0, 3])
+        best = masked_max(block, row, level[row, col])  # compiled
+        assert torch.equal(best, stats._masked_max_by_blocks(block, row, level[row, col]))
+        for p in range(len(row)):
+            x = block[row[p]]
+            assert best[p] == torch.where(x <= level[row[p], col[p]], x, -math.inf).amax(), p
 
 
 class TestBadInput:

@@ -167,7 +167,7 @@ def certify(file, draft_file, rules, as_json):
 @click.option("--vocab", "vocabs", multiple=True, type=click.IntRange(min=2),
               help="Vocabulary size (repeatable; default 151936, Qwen's).")
 @click.option("--repeat", default=3, show_default=True, type=click.IntRange(min=1),
-              help="Timed calls per entry (median).")
+              help="Rounds per entry, each timing one call of it and one of logsumexp (medians).")
 @_fail_cleanly
 def bench(kinds, batches, vocabs, repeat):
     """Time each standard rule's certificate, and all of them in one call, against torch.logsumexp on the same

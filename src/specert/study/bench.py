@@ -13,6 +13,7 @@ comes to one pass. Three kinds of logits, since a rule's work depends on their s
 
 from __future__ import annotations
 
+import statistics
 import time
 from collections.abc import Callable
 
@@ -24,15 +25,20 @@ from specert.theory.rules import STANDARD_RULES
 KINDS = ("normal", "lm", "model")
 
 
-def _time(fn: Callable[[], object], repeat: int) -> float:
-    """Median wall time of ``fn`` in seconds over ``repeat`` calls, after one warm-up call."""
-    fn()
-    times = []
+def _paired(fn: Callable[[], object], base: Callable[[], object], repeat: int) -> tuple[float, float]:
+    """``fn`` against ``base`` side by side: after one warm-up call of each, ``repeat`` rounds that time one call
+    of each in turn. Returns (median seconds of ``fn``, median over rounds of its time over ``base``'s), so that
+    a machine whose speed drifts between rounds moves both of a round's calls alike."""
+    fn(), base()
+    seconds, ratios = [], []
     for _ in range(repeat):
         start = time.perf_counter()
+        base()
+        middle = time.perf_counter()
         fn()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
+        seconds.append(time.perf_counter() - middle)
+        ratios.append(seconds[-1] / (middle - start))
+    return statistics.median(seconds), statistics.median(ratios)
 
 
 def model_rows(prompts: int = 6) -> torch.Tensor:
@@ -70,11 +76,10 @@ def bench_logits(kind: str, batch: int, vocab: int, seed: int = 0, rows: torch.T
 
 def run_bench(logits: torch.Tensor, repeat: int = 3, rules=STANDARD_RULES) -> list[tuple[str, float, float]]:
     """Rows of (what, seconds, ratio to logsumexp) on ``logits``: each rule alone, the set in one call, the
-    drafter certificate, and ``torch.topk`` for scale."""
-    base = _time(lambda: torch.logsumexp(logits, -1), repeat)
-    rows = [("torch.logsumexp", base), ("torch.topk(k=16)", _time(lambda: torch.topk(logits, 16, -1), repeat))]
-    for spec in rules:
-        rows.append((spec, _time(lambda s=spec: certificate(logits, s), repeat)))
-    rows.append(("drafter_certificate(m=1)", _time(lambda: drafter_certificate(logits, 1), repeat)))
-    rows.append((f"all {len(rules)} rules in one call", _time(lambda: certificates(logits, rules), repeat)))
-    return [(name, sec, sec / base) for name, sec in rows]
+    drafter certificate, and ``torch.topk`` for scale; each timed in turn with logsumexp (:func:`_paired`)."""
+    base = lambda: torch.logsumexp(logits, -1)  # noqa: E731
+    cases = [("torch.logsumexp", base), ("torch.topk(k=16)", lambda: torch.topk(logits, 16, -1))]
+    cases += [(spec, lambda s=spec: certificate(logits, s)) for spec in rules]
+    cases.append(("drafter_certificate(m=1)", lambda: drafter_certificate(logits, 1)))
+    cases.append((f"all {len(rules)} rules in one call", lambda: certificates(logits, rules)))
+    return [(name, *_paired(fn, base, repeat)) for name, fn in cases]

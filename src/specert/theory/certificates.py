@@ -140,7 +140,8 @@ def water_fill(anchor, values, weight, log_s, below: bool, upper: bool = False):
     mean = (delta_anchor + (w * torch.where(member, delta, 0.0)).sum(-1)) / total  # [n] mean delta over the group
     level = 1 + mean  # mean exp(a) over the group
     d = (torch.where(member, delta, 0.0) - mean[:, None]) / level[:, None]  # [n, G]
-    spread = h((delta_anchor - mean) / level) + (w * h(d)).sum(-1)
+    spreads = h(torch.cat([((delta_anchor - mean) / level)[:, None], d], -1))  # [n, 1 + G]: anchor, candidates
+    spread = spreads[:, 0] + (w * spreads[:, 1:]).sum(-1)
     cost = level * torch.exp(-log_s) * spread
     return cost, member, torch.log1p(mean) - log_s
 

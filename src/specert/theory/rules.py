@@ -111,14 +111,26 @@ class SingleCandidateRule(Rule):
         """Largest target logit the rule rejects, ``[n]`` in the compute dtype of ``stats``."""
         raise NotImplementedError
 
+    # Whether the rule accepts iff p > its threshold (strict) or iff p >= it.
+    strict: ClassVar[bool] = False
+
     def reject_range(self, stats: TargetStats) -> tuple[torch.Tensor, torch.Tensor]:
         """``(lo, hi)`` ``[n]`` in the compute dtype of ``stats``: every token of logit <= lo is rejected by the exact
         rule, every token it rejects has logit <= hi."""
-        raise NotImplementedError
+        return self.reject_end(stats, upper=False), self.reject_end(stats, upper=True)
 
     def reject_bound(self, stats: TargetStats) -> torch.Tensor:
         """The upper end of :meth:`reject_range`: the level certificates use."""
-        return self.reject_range(stats)[1]
+        return self.reject_end(stats, upper=True)
+
+    def reject_end(self, stats: TargetStats, upper: bool) -> torch.Tensor:
+        """One end of :meth:`reject_range`: by default the level of :meth:`threshold_end`."""
+        return _level_end(stats, self.threshold_end(stats, upper), self.strict, upper)
+
+    def threshold_end(self, stats: TargetStats, upper: bool) -> torch.Tensor | float:
+        """One end (the upper if ``upper``) of a bracket of the exact rule's threshold relative to the top logit,
+        float64 ``[n]`` or a number: the rule accepts x iff ``l_x - l_1`` exceeds it (or reaches it)."""
+        raise NotImplementedError
 
 
 # Unit roundoff of float64, in which every threshold is computed.
@@ -143,13 +155,12 @@ def _add_directed(a: torch.Tensor, b: torch.Tensor, up: bool) -> torch.Tensor:
     return torch.where(err > 0 if up else err < 0, torch.nextafter(s, toward), s)
 
 
-def _levels(stats: TargetStats, rel_lo, rel_hi, strict: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Levels ``(lo, hi)`` from a bracket of the threshold relative to the top logit, float64 ``[n]`` (or numbers)."""
+def _level_end(stats: TargetStats, rel, strict: bool, upper: bool) -> torch.Tensor:
+    """The level of one end of a bracket of the threshold relative to the top logit (float64 ``[n]`` or a number),
+    its sum with the top logit rounded outward (up for the upper end)."""
     top = stats.top_logits[:, 0].double()
-    rel_lo, rel_hi = (torch.as_tensor(r, dtype=torch.float64, device=top.device) for r in (rel_lo, rel_hi))
-    lo = _level(stats, _add_directed(top, rel_lo.expand_as(top), up=False), strict)
-    hi = _level(stats, _add_directed(top, rel_hi.expand_as(top), up=True), strict)
-    return lo, hi
+    rel = torch.as_tensor(rel, dtype=torch.float64, device=top.device).expand_as(top)
+    return _level(stats, _add_directed(top, rel, up=upper), strict)
 
 
 def _log_s_error(stats: TargetStats) -> torch.Tensor:
@@ -203,9 +214,8 @@ class TopM(SingleCandidateRule):
         stats.ensure_top(self.m + 1)
         return stats.top_logits[:, self.m]
 
-    def reject_range(self, stats: TargetStats) -> tuple[torch.Tensor, torch.Tensor]:
-        level = self.reject_level(stats)  # a logit: exact
-        return level, level
+    def reject_end(self, stats: TargetStats, upper: bool) -> torch.Tensor:
+        return self.reject_level(stats)  # a logit: exact
 
 
 def greedy() -> TopM:
@@ -234,24 +244,20 @@ class Additive(SingleCandidateRule):
     def reject_level(self, stats: TargetStats) -> torch.Tensor:
         gap = torch.exp(stats.top_logp[:, 0]) - self.t  # p(x0) - t
         log_tau = torch.where(gap > 0, torch.log(gap.clamp(min=0)), float("-inf"))
-        return _level(stats, log_tau + stats.lse, strict=False)
+        return _level(stats, log_tau + stats.lse, self.strict)
 
-    def reject_range(self, stats: TargetStats) -> tuple[torch.Tensor, torch.Tensor]:
+    def threshold_end(self, stats: TargetStats, upper: bool) -> torch.Tensor | float:
         # p(x) < p(x0) - t  <=>  exp(l_x - l_1) < X = 1 - t S; X bracketed from S's bracket, then its log.
         if self.t == 0:
-            return _levels(stats, 0.0, 0.0, strict=False)
+            return 0.0
+        sign = 1 if upper else -1
         big_s = torch.exp(stats.log_s)
         spread = _log_s_error(stats) + 4 * _U
-        x_hi = 1 - self.t * big_s * (1 - spread)
-        x_lo = 1 - self.t * big_s * (1 + spread)
-        x_hi, x_lo = x_hi + 2 * _U * (1 + 2 * self.t * big_s), x_lo - 2 * _U * (1 + 2 * self.t * big_s)
-
-        def log(x, sign):
-            value = torch.log(x.clamp(min=0))
-            return torch.where(x > 0, value + sign * 2 * _U * value.abs(), float("-inf"))
-
+        x = 1 - self.t * big_s * (1 - sign * spread) + sign * 2 * _U * (1 + 2 * self.t * big_s)
+        log_x = torch.log(x.clamp(min=0))
+        log_x = torch.where(x > 0, log_x + sign * 2 * _U * log_x.abs(), float("-inf"))
         # X < 1 exactly for t > 0: a token tied with the top (a = 0) is always accepted, whatever the rounding.
-        return _levels(stats, log(x_lo, -1).clamp(max=0.0), log(x_hi, 1).clamp(max=0.0), strict=False)
+        return log_x.clamp(max=0.0)
 
 
 @dataclass(frozen=True)
@@ -269,12 +275,11 @@ class Multiplicative(SingleCandidateRule):
 
     def reject_level(self, stats: TargetStats) -> torch.Tensor:
         # In logit space directly (no round trip through the normaliser): alpha = 1 accepts exact ties only.
-        return _level(stats, stats.top_logits[:, 0].double() + math.log(self.alpha), strict=False)
+        return _level(stats, stats.top_logits[:, 0].double() + math.log(self.alpha), self.strict)
 
-    def reject_range(self, stats: TargetStats) -> tuple[torch.Tensor, torch.Tensor]:
+    def threshold_end(self, stats: TargetStats, upper: bool) -> float:
         # p(x) < alpha p(x0)  <=>  l_x < l_1 + log alpha; log(1) = 0 exactly
-        lo, hi = _ulps(math.log(self.alpha), 2) if self.alpha != 1 else (0.0, 0.0)
-        return _levels(stats, lo, hi, strict=False)
+        return _ulps(math.log(self.alpha), 2)[upper] if self.alpha != 1 else 0.0
 
 
 @dataclass(frozen=True)
@@ -287,6 +292,7 @@ class Typical(SingleCandidateRule):
     eps: float = 0.09
     delta: float = 0.3
     offset: float = 0.0
+    strict: ClassVar[bool] = True
 
     def __post_init__(self):
         object.__setattr__(self, "eps", _positive(self.eps, "typical's eps (posterior threshold)"))
@@ -307,17 +313,16 @@ class Typical(SingleCandidateRule):
 
     def reject_level(self, stats: TargetStats) -> torch.Tensor:
         log_tau = torch.clamp(math.log(self.delta) - stats.entropy(self.offset), max=math.log(self.eps))
-        return _level(stats, log_tau + stats.lse, strict=True)
+        return _level(stats, log_tau + stats.lse, self.strict)
 
-    def reject_range(self, stats: TargetStats) -> tuple[torch.Tensor, torch.Tensor]:
+    def threshold_end(self, stats: TargetStats, upper: bool) -> torch.Tensor:
         # p(x) <= tau  <=>  l_x - l_1 <= log tau + log S, log tau = min(log eps, log delta - H)
+        sign = 1 if upper else -1
         h, h_err = stats.entropy(self.offset), stats.entropy_error(self.offset)
-        eps, delta = _ulps(math.log(self.eps), 2), _ulps(math.log(self.delta), 2)
+        eps, delta = _ulps(math.log(self.eps), 2)[upper], _ulps(math.log(self.delta), 2)[upper]
         rounding = 4 * _U * (abs(math.log(self.eps)) + abs(math.log(self.delta)) + h.abs() + stats.log_s.abs())
         slack = _log_s_error(stats) + rounding
-        lo = torch.clamp(delta[0] - h - h_err, max=eps[0]) + stats.log_s - slack
-        hi = torch.clamp(delta[1] - h + h_err, max=eps[1]) + stats.log_s + slack
-        return _levels(stats, lo, hi, strict=True)
+        return torch.clamp(delta - h + sign * h_err, max=eps) + stats.log_s + sign * slack
 
 
 @dataclass(frozen=True)
@@ -337,13 +342,12 @@ class Threshold(SingleCandidateRule):
         return f"threshold:{self.tau!r}"
 
     def reject_level(self, stats: TargetStats) -> torch.Tensor:
-        return _level(stats, stats.lse + math.log(self.tau), strict=False)
+        return _level(stats, stats.lse + math.log(self.tau), self.strict)
 
-    def reject_range(self, stats: TargetStats) -> tuple[torch.Tensor, torch.Tensor]:
+    def threshold_end(self, stats: TargetStats, upper: bool) -> torch.Tensor:
         # p(x) < tau  <=>  l_x - l_1 < log tau + log S
-        lo, hi = _ulps(math.log(self.tau), 2)
         slack = _log_s_error(stats) + 4 * _U * (abs(math.log(self.tau)) + stats.log_s.abs())
-        return _levels(stats, lo + stats.log_s - slack, hi + stats.log_s + slack, strict=False)
+        return _ulps(math.log(self.tau), 2)[upper] + stats.log_s + (slack if upper else -slack)
 
 
 @dataclass(frozen=True)
@@ -372,9 +376,8 @@ class _Combination(SingleCandidateRule):
     def _levels(self, stats: TargetStats) -> torch.Tensor:
         return torch.stack([r.reject_level(stats) for r in self.rules])  # [rules, n]
 
-    def _ranges(self, stats: TargetStats) -> tuple[torch.Tensor, torch.Tensor]:
-        ranges = [r.reject_range(stats) for r in self.rules]
-        return torch.stack([lo for lo, _ in ranges]), torch.stack([hi for _, hi in ranges])  # [rules, n] each
+    def _ends(self, stats: TargetStats, upper: bool) -> torch.Tensor:
+        return torch.stack([r.reject_end(stats, upper) for r in self.rules])  # [rules, n]
 
 
 @dataclass(frozen=True)
@@ -392,9 +395,8 @@ class AllOf(_Combination):
     def reject_level(self, stats: TargetStats) -> torch.Tensor:
         return self._levels(stats).amax(0)
 
-    def reject_range(self, stats: TargetStats) -> tuple[torch.Tensor, torch.Tensor]:
-        lo, hi = self._ranges(stats)
-        return lo.amax(0), hi.amax(0)
+    def reject_end(self, stats: TargetStats, upper: bool) -> torch.Tensor:
+        return self._ends(stats, upper).amax(0)
 
 
 @dataclass(frozen=True)
@@ -407,9 +409,8 @@ class AnyOf(_Combination):
     def reject_level(self, stats: TargetStats) -> torch.Tensor:
         return self._levels(stats).amin(0)
 
-    def reject_range(self, stats: TargetStats) -> tuple[torch.Tensor, torch.Tensor]:
-        lo, hi = self._ranges(stats)
-        return lo.amin(0), hi.amin(0)
+    def reject_end(self, stats: TargetStats, upper: bool) -> torch.Tensor:
+        return self._ends(stats, upper).amin(0)
 
 
 def _check_parts(rules, kind: str) -> None:

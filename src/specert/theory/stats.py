@@ -1,23 +1,26 @@
 """What the certificates need to know about target distributions, gathered in one pass over the vocabulary.
 
 A certificate depends on the target distribution only through its normaliser, its few most probable tokens, the
-most probable token a rule rejects and (for Medusa's rule) its entropy. :func:`gather` reads logits ``[N, V]`` once,
+most probable token a rule rejects and (for Medusa's rule) its entropy. :func:`gather` reads logits ``[N, V]``
 block by block so that each block stays in the CPU cache: per block one top-k (through chunk maxima,
-:func:`~specert.theory.tensors.top_k`), one ``exp`` pass for the normaliser (and the entropy when asked), and,
-only for the rows where a rule rejects none of the gathered top tokens, one masked ``max`` pass for all the rules
-together (:func:`masked_max`) that finds the most probable token each rejects. Never a full sort. Everything after
+:func:`~specert.theory.tensors.top_k`) and one fused pass for the normaliser and the entropy
+(:func:`exp_sums`). Then the rules' reject levels are computed for all rows at once and, only for the rows where
+a rule rejects none of the gathered top tokens, one masked ``max`` pass over those rows finds the most probable
+token each rule rejects, for all the rules together (:func:`masked_max`). Never a full sort. Everything after
 that works on ``[N, k]`` tensors, on the device of the logits.
 
 Notation (per row): l_1 >= l_2 >= ... the sorted logits, a_x = l_x - l_1 <= 0 the gaps to the top,
 S = sum_x exp(a_x) in [1, V] the normaliser relative to the top (log-sum-exp = l_1 + log S), p_x = exp(a_x) / S.
 
 NOTE on error bounds (what the certificates' rounding and the rules' conservative levels rely on): S is summed in
-the compute dtype (float32 for float32 logits: a float64 sum costs 2-4x more), each term exp(a_x) carrying about
-(2 + |a_x|) u of relative error (u = half an ulp of 1: 2^-24 in float32, 2^-53 in float64) and the sum at most D u
-more, D the depth of the reduction: torch's CPU kernel sums in a cascade of 16-element chunks over 4 levels plus 4
-interleaved and 8 vector lanes (D < 80 for V < 2^20; CUDA's strided partial sums are of similar depth at these V).
-Weighted by the terms, |a_x| averages E_p[l_1 - l] <= H(p) <= log V, so the relative error of S is at most
-``(D + 3 + log V) u``; :func:`normaliser_rtol` takes D = 128.
+two stages. First over chunks of ``SUM_CHUNK`` = 64 consecutive tokens in the compute dtype (float32 for float32
+logits: float64 costs 2-4x more): a sum of n non-negative terms is within (n - 1) u of its value in whatever order
+it is added, so a compiled kernel may order it as it likes (u = half an ulp of 1: 2^-24 in float32, 2^-53 in
+float64). Then the chunk sums in float64, by torch's cascade (16-element chunks over 4 levels plus 4 interleaved
+and 8 vector lanes: depth D < 80 for V < 2^20, taken as ``REDUCTION_DEPTH`` = 128). Each term exp(a_x) carries
+about (2 + |a_x|) u of relative error (the subtraction, and an exp within one ulp); weighted by the terms, |a_x|
+averages E_p[l_1 - l] <= H(p) <= log V, so the relative error of S is at most
+``(SUM_CHUNK + 3 + log V) u + REDUCTION_DEPTH 2^-53`` (:func:`normaliser_rtol`).
 """
 
 from __future__ import annotations
@@ -28,13 +31,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from specert.theory.tensors import row_blocks, top_k
+from specert.theory.tensors import CompiledOnce, chunk_extremes, row_blocks, top_k
 
 # Top tokens gathered at first; more are gathered only for the rows where a water-filling runs past them.
 DEFAULT_TOP = 16
-# Blocks from this many values on search for rejected tokens with a compiled kernel (see :func:`masked_max`).
-COMPILE_MIN_ELEMENTS = 2**16
-# Depth of the floating-point reduction that sums the normaliser (see the module's NOTE).
+# Width of the chunks the normaliser is first summed over, and the depth of torch's sums over a row (the NOTE).
+SUM_CHUNK = 64
 REDUCTION_DEPTH = 128
 
 
@@ -44,8 +46,9 @@ def unit_roundoff(dtype: torch.dtype) -> float:
 
 
 def normaliser_rtol(dtype: torch.dtype, vocab: int) -> float:
-    """Bound on the relative error of S = sum_x exp(l_x - l_1) summed in ``dtype`` over ``vocab`` tokens."""
-    return (REDUCTION_DEPTH + 3 + math.log(vocab)) * unit_roundoff(dtype)
+    """Bound on the relative error of S = sum_x exp(l_x - l_1) summed over ``vocab`` tokens by :func:`exp_sums`
+    in ``dtype``."""
+    return (SUM_CHUNK + 3 + math.log(vocab)) * unit_roundoff(dtype) + REDUCTION_DEPTH * unit_roundoff(torch.float64)
 
 
 @dataclass
@@ -77,6 +80,7 @@ class TargetStats:
     entropies: dict[float, torch.Tensor] = field(default_factory=dict)  # H(p) by offset, computed when asked
     entropy_errors: dict[float, torch.Tensor] = field(default_factory=dict)  # [N] absolute error bound of each H
     rejected: list[Rejected] = field(default_factory=list)  # found in the pass, one per level function asked
+    masked: torch.Tensor | None = None  # [N] bool, the row has a masked token (-inf); None: not known yet
 
     @property
     def vocab_size(self) -> int:
@@ -111,13 +115,6 @@ class TargetStats:
     def of(cls, logits: torch.Tensor, k: int = DEFAULT_TOP, entropy: bool = False) -> TargetStats:
         """:func:`gather` with the Shannon entropy when ``entropy`` and no rule's rejected token."""
         return gather(logits, k, offsets=(0.0,) if entropy else ())
-
-    def view(self, rows: slice) -> TargetStats:
-        """The statistics of a slice of rows (views, not copies)."""
-        return TargetStats(
-            self.logits[rows], self.top_logits[rows], self.top_index[rows], self.log_s[rows], self.s_rtol,
-            {o: h[rows] for o, h in self.entropies.items()}, {o: e[rows] for o, e in self.entropy_errors.items()},
-        )
 
     def ensure_top(self, k: int) -> None:
         """Gather at least the ``k`` most probable tokens of every row (capped at V)."""
@@ -154,16 +151,46 @@ class TargetStats:
         Returns:
             ``(logit [N], index [N] or None, found [N] bool)``; where ``found`` is False no token is rejected.
         """
-        r = _rejected_in_top(self, reject_level, with_index)
-        search = _to_search(self, r)
-        if search.any():
-            for s in row_blocks(*self.logits.shape):
-                if search[s].any():
-                    part = Rejected(r.level[s], r.logit[s], r.index[s] if with_index else None, r.found[s])
-                    best, index, masked = _largest_at_or_below(self.logits[s], r.level[s, None], with_index)
-                    _fill_rejected(self.logits[s], part, search[s], best[:, 0],
-                                   None if index is None else index[:, 0], masked)
+        r = self.find_rejected([reject_level], with_index)[0]
         return r.logit, r.index, r.found
+
+    def find_rejected(self, levels: Sequence[torch.Tensor], with_index: bool = False) -> list[Rejected]:
+        """The most probable token at or below each of ``levels`` (each ``[N]``, compute dtype) in every row.
+
+        First among the gathered top tokens, for all levels at once. Where a row's top tokens lie all above a finite
+        level (flat rows), that row is searched for that level, every such (row, level) pair in one
+        :func:`masked_max` call; at a level of -inf only a masked token can be rejected, which needs no search.
+        """
+        if not levels:
+            return []
+        level = torch.stack(list(levels), -1)  # [N, J]
+        rejected = self.top_logits[:, None, :] <= level[:, :, None]  # [N, J, k]
+        found = rejected.any(-1)  # [N, J]
+        first = rejected.int().argmax(-1)  # [N, J] the first rejected top token (0 where none)
+        logit = self.top_logits.gather(-1, first)  # [N, J]
+        index = self.top_index.gather(-1, first) if with_index else None
+        search = ~found if self.k < self.vocab_size else torch.zeros_like(found)  # [N, J] top tokens all accepted
+        if search.any():
+            unbounded = torch.isneginf(level)  # [N, J] where only a masked token can be rejected
+            row, col = (search & ~unbounded).nonzero().unbind(-1)  # [P] each: the pairs to search
+            best, best_index = _largest_at_or_below(self.logits, row, level[row, col], with_index)  # [P] each
+            logit[row, col] = best
+            if with_index:
+                index[row, col] = best_index
+            # No finite logit rejected: a masked token is, if the row has one (its logit is -inf, as the level).
+            none = search & (unbounded | torch.isneginf(logit))  # [N, J]
+            found |= search & ~none
+            if none.any():
+                # the rows from the first to the last that need it: a view (scattered rows would be copied)
+                rows = none.any(-1).nonzero()[:, 0]
+                part = slice(rows[0].item(), rows[-1].item() + 1)
+                masked = self.masked[part] if self.masked is not None else torch.isneginf(self.logits[part].amin(-1))
+                found[part] |= none[part] & masked[:, None]
+                logit.masked_fill_(none, float("-inf"))
+                if with_index:
+                    index[part] = torch.where(none[part], self.logits[part].argmin(-1)[:, None], index[part])
+        return [Rejected(level[:, j], logit[:, j], None if index is None else index[:, j], found[:, j])
+                for j in range(level.shape[-1])]
 
 
 def gather(
@@ -180,14 +207,14 @@ def gather(
             logits, :func:`specert.theory.tensors.check_top`).
         k: top tokens to gather per row.
         offsets: the entropies H = -sum p log(p + offset) to compute (0: Shannon's, from the normaliser's sums).
-        levels: functions from the statistics of a block of rows to their reject levels ``[b]`` (a rule's
+        levels: functions from the statistics to the reject levels ``[N]`` (a rule's
             :meth:`~specert.theory.rules.SingleCandidateRule.reject_bound`); for each, the most probable rejected
-            token of every row is found while the block is in cache, into ``stats.rejected``.
+            token of every row is found (:meth:`TargetStats.find_rejected`), into ``stats.rejected``.
         with_index: find the rejected tokens' indices too.
 
-    NOTE: the normaliser's sum of ``exp(logit - max)`` lies in [1, V]; its log is taken in float64. The entropy is
-    ``log S - E_p[l - l_1]``, both from sums in the compute dtype (a float32 dot product, as in ``bmm``, loses about
-    1e-4 nats over 150k tokens: its error grows with V, the cascaded sum's with log V).
+    NOTE: the entropy is ``log S - E_p[a]``, E_p[a] = sum exp(a) a / S with both sums from :func:`exp_sums` (a
+    float32 dot product, as in ``bmm``, would lose about 1e-4 nats over 150k tokens: its error grows with V, the
+    chunked sum's with log V).
     """
     n, vocab = logits.shape
     k = min(k, vocab)
@@ -195,104 +222,93 @@ def gather(
     top_logits = torch.empty(n, k, dtype=dtype, device=dev)
     top_index = torch.empty(n, k, dtype=torch.int64, device=dev)
     log_s = torch.empty(n, dtype=torch.float64, device=dev)
+    masked = torch.empty(n, dtype=torch.bool, device=dev)
     offsets = sorted(set(offsets))
     entropies = {o: torch.empty(n, dtype=torch.float64, device=dev) for o in offsets}
     errors = {o: torch.empty(n, dtype=torch.float64, device=dev) for o in offsets}
     s_rtol = normaliser_rtol(dtype, vocab)
-    stats = TargetStats(logits, top_logits, top_index, log_s, s_rtol, entropies, errors)
-    stats.rejected = [
-        Rejected(
-            torch.empty(n, dtype=dtype, device=dev),
-            torch.empty(n, dtype=dtype, device=dev),
-            torch.empty(n, dtype=torch.int64, device=dev) if with_index else None,
-            torch.empty(n, dtype=torch.bool, device=dev),
-        )
-        for _ in levels
-    ]
     shannon = 0.0 in offsets
-    gaps = values = None  # [b, V] scratch, reused block to block
     for s in row_blocks(n, vocab):
         block = logits[s]  # [b, V]
-        top = top_logits[s]
-        top[:], top_index[s] = top_k(block, k)
-        if gaps is None:
-            gaps, values = torch.empty_like(block), torch.empty_like(block) if shannon else None
-        a = gaps[: len(block)]
-        torch.sub(block, top[:, :1], out=a)  # a = l - l_1 <= 0, -inf where masked
-        e = torch.exp(a, out=values[: len(block)]) if shannon else a.exp_()  # exp(a) in [0, 1]
-        log_s[s] = e.sum(-1).double().log()
+        chunk_max, lowest = chunk_extremes(block)  # [b, V // 64], [b]
+        masked[s] = torch.isneginf(lowest)
+        top_logits[s], top_index[s] = top_k(block, k, chunk_max)
+        total, gap_total = exp_sums(block, top_logits[s, 0], with_gaps=shannon)  # [b] float64 each
+        log_s[s] = total.log()
         if shannon:
-            # E_p[a] from sum exp(a) a; masked tokens give 0 * -inf = NaN, which nansum skips
-            mean_gap = torch.nansum(a.mul_(e), -1).double() / torch.exp(log_s[s])  # [b] <= 0
+            mean_gap = gap_total / total  # E_p[a] <= 0, [b]
             entropies[0.0][s] = log_s[s] - mean_gap
             # |error| <= |E_p[a]| (the relative errors of both sums, each term's (3 + |a|) u, |a| <= 104 where
             # float32's exp is not 0) + log S's, + the underflowed terms (at most V e^-104 104 / S in float32).
             errors[0.0][s] = 2 * (mean_gap.abs() * (s_rtol + 107 * unit_roundoff(dtype)) + s_rtol) + 1e-30 * vocab
         for o in offsets:
             if o != 0.0:
-                entropies[o][s], errors[o][s] = _entropy(block, top[:, 0], log_s[s], s_rtol, o)
-        if levels:
-            view = stats.view(s)
-            found = [_rejected_in_top(view, fn(view), with_index) for fn in levels]
-            searches = [_to_search(view, r) for r in found]
-            needed = [j for j, search in enumerate(searches) if search.any()]
-            if needed:  # one search of the block for every level that needs it
-                level = torch.stack([found[j].level for j in needed], -1)  # [b, J]
-                best, index, masked = _largest_at_or_below(block, level, with_index)  # [b, J], [b, J] or None, [b]
-                for col, j in enumerate(needed):
-                    _fill_rejected(block, found[j], searches[j], best[:, col],
-                                   None if index is None else index[:, col], masked)
-            for r, out in zip(found, stats.rejected):
-                for name in ("level", "logit", "index", "found"):
-                    if getattr(r, name) is not None:
-                        getattr(out, name)[s] = getattr(r, name)
+                entropies[o][s], errors[o][s] = _entropy(block, top_logits[s, 0], log_s[s], s_rtol, o)
+    stats = TargetStats(logits, top_logits, top_index, log_s, s_rtol, entropies, errors, masked=masked)
+    stats.rejected = stats.find_rejected([fn(stats) for fn in levels], with_index)
     return stats
 
 
-def _masked_max(block: torch.Tensor, level: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """max { l in the row : l <= level } of ``block [b, V]`` for each column of ``level [b, J]``, and the row's
-    minimum."""
-    x = block[:, None, :]  # [b, 1, V]
-    best = torch.where(x <= level[:, :, None], x, float("-inf")).amax(-1)  # [b, J], -inf where none
-    return best, block.amin(-1)  # [b, J], [b]
+def _chunk_sums(chunks: torch.Tensor, top: torch.Tensor, with_gaps: bool):
+    """sum exp(a) and (``with_gaps``) sum exp(a) a over each chunk of ``chunks [b, C, W]``, a = l - top: ``[b, C]``
+    each (None for the second without gaps). a is clamped at -800, where exp is 0 in float32 and float64 alike,
+    so that a masked token (-inf) adds 0 (not 0 * -inf = NaN)."""
+    a = (chunks - top[:, None, None]).clamp(min=-800.0)  # [b, C, W]
+    # exp written twice: compiled, one kernel computes it once (one exp with two readers is stored first)
+    return a.exp().sum(-1), (a.exp() * a).sum(-1) if with_gaps else None
 
 
-class _CompiledOnce:
-    """``fn`` compiled by ``torch.compile`` (dynamic shapes) on its first call; plain ``fn`` from the first failure
-    on (no working compiler here), without trying to compile again."""
-
-    def __init__(self, fn: Callable):
-        self.fn, self.compiled, self.failed = fn, None, False
-
-    def __call__(self, *args):
-        if not self.failed:
-            try:
-                if self.compiled is None:
-                    self.compiled = torch.compile(self.fn, dynamic=True)
-                return self.compiled(*args)
-            except Exception:  # noqa: BLE001 - no working compiler: plain torch gives the same values
-                self.failed = True
-        return self.fn(*args)
+_COMPILED_CHUNK_SUMS = CompiledOnce(_chunk_sums)
 
 
-_COMPILED_MASKED_MAX = _CompiledOnce(_masked_max)
+def exp_sums(block: torch.Tensor, top: torch.Tensor, with_gaps: bool = False):
+    """S = sum_x exp(a_x) and (``with_gaps``) sum_x exp(a_x) a_x, a = l - top, over each row of ``block [b, V]``
+    (``top [b]`` its largest logits): float64 ``[b]`` each (None for the second without gaps).
 
-
-def masked_max(block: torch.Tensor, level: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The largest logit at or below each level, per row, and the row's smallest logit (-inf where a token is
-    masked): ``block [b, V]``, ``level [b, J]`` -> ``([b, J], [b])``, -inf where a row has no logit at or below a
-    level. Exact: a maximum does not round.
-
-    NOTE: eager torch makes a comparison, a ``where`` and an ``amax`` pass per level, together about 1.1x
-    ``logsumexp`` over the block; compiled (one fused loop over the block for all levels) about 0.1x per level
-    (``python benchmarks/certificate_cost.py``). Blocks of at least ``COMPILE_MIN_ELEMENTS`` values on CPU or CUDA
-    use the compiled kernel, compiled once per process (a few seconds, dynamic shapes); smaller blocks, other
-    devices, a graph being compiled or a compiler that fails use eager torch, with the same result.
+    Summed in chunks of ``SUM_CHUNK`` tokens in the compute dtype, then over chunks in float64 (the error bound in
+    the module's NOTE): one read of the block, compiled for large blocks (:class:`CompiledOnce`); eager torch
+    would write a and exp(a) out first (3 passes over the block and 2 writes).
     """
-    if (block.numel() >= COMPILE_MIN_ELEMENTS and block.device.type in ("cpu", "cuda")
-            and not torch.compiler.is_compiling()):
-        return _COMPILED_MASKED_MAX(block, level)
-    return _masked_max(block, level)
+    b, vocab = block.shape
+    whole = vocab - vocab % SUM_CHUNK
+    parts = []
+    if whole:
+        chunks = block[:, :whole].unflatten(-1, (whole // SUM_CHUNK, SUM_CHUNK))  # [b, C, 64] view
+        parts.append(_COMPILED_CHUNK_SUMS(chunks, top, with_gaps))
+    if whole < vocab:
+        parts.append(_chunk_sums(block[:, None, whole:], top, with_gaps))  # the last, shorter chunk
+    total = torch.cat([p[0] for p in parts], -1).double().sum(-1)  # [b]
+    gaps = torch.cat([p[1] for p in parts], -1).double().sum(-1) if with_gaps else None
+    return total, gaps
+
+
+def _masked_max(logits: torch.Tensor, row: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
+    """max { l in row ``row[p]`` of ``logits [N, V]`` : l <= ``level[p]`` } for each pair p: ``[P]``."""
+    x = logits[row]  # [P, V]: compiled, read in place; plain torch copies
+    return torch.where(x <= level[:, None], x, float("-inf")).amax(-1)  # [P], -inf where none
+
+
+def _masked_max_by_blocks(logits: torch.Tensor, row: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
+    """:func:`_masked_max` in plain torch, the pairs a block at a time (each block's rows are copied)."""
+    best = torch.empty_like(level)  # [P]
+    for s in row_blocks(len(row), logits.shape[-1]):
+        best[s] = _masked_max(logits, row[s], level[s])
+    return best
+
+
+_COMPILED_MASKED_MAX = CompiledOnce(_masked_max, plain=_masked_max_by_blocks)
+
+
+def masked_max(logits: torch.Tensor, row: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
+    """The largest logit at or below a level in a row, for pairs of them: ``logits [N, V]``, ``row [P]`` (int64),
+    ``level [P]`` -> ``[P]``, -inf where the row has no logit at or below the level. Exact: a maximum does not round.
+
+    NOTE: compiled (:class:`CompiledOnce`), one loop reads each pair's row in place, about 0.1x ``logsumexp``
+    over that row per pair; plain torch copies the rows and makes a comparison, a ``where`` and an ``amax`` pass
+    over the copy, 10-60x more (``python benchmarks/certificate_cost.py`` measures the certificates that depend
+    on it).
+    """
+    return _COMPILED_MASKED_MAX(logits, row, level)
 
 
 def _entropy(logits, top, log_s, s_rtol, offset) -> tuple[torch.Tensor, torch.Tensor]:
@@ -313,48 +329,15 @@ def _entropy(logits, top, log_s, s_rtol, offset) -> tuple[torch.Tensor, torch.Te
     return h, err
 
 
-def _rejected_in_top(stats: TargetStats, level: torch.Tensor, with_index: bool) -> Rejected:
-    """The first gathered top token at or below ``level`` (found where one is)."""
-    rejected = stats.top_logits <= level[:, None]  # [n, k]
-    found = rejected.any(-1)
-    first = rejected.int().argmax(-1, keepdim=True)  # the first rejected top token (0 where none)
-    logit = stats.top_logits.gather(-1, first)[:, 0]
-    index = stats.top_index.gather(-1, first)[:, 0] if with_index else None
-    return Rejected(level, logit, index, found)
-
-
-def _to_search(stats: TargetStats, r: Rejected) -> torch.Tensor:
-    """Rows whose gathered top tokens are all accepted but whose other tokens may hold a rejected one."""
-    if stats.k >= stats.vocab_size:
-        return torch.zeros_like(r.found)
-    return ~r.found
-
-
-def _largest_at_or_below(block: torch.Tensor, level: torch.Tensor, with_index: bool):
-    """For each column of ``level [b, J]`` the largest logit of each row of ``block [b, V]`` at or below it
-    (``[b, J]``, -inf where none), its index (``[b, J]``, or None unless ``with_index``) and whether each row has a
-    masked token (``[b]``). Without the index: :func:`masked_max`; with it (the extremal drafter): plain torch."""
+def _largest_at_or_below(logits: torch.Tensor, row: torch.Tensor, level: torch.Tensor, with_index: bool):
+    """For each pair p, the largest logit of row ``row[p]`` of ``logits [N, V]`` at or below ``level[p]``: ``[P]``
+    (-inf where none), and its index (``[P]``, or None unless ``with_index``). Without the index
+    :func:`masked_max`; with it (the extremal drafter) plain torch, on copies of the rows, a block at a time."""
     if not with_index:
-        best, lowest = masked_max(block, level)
-        return best, None, torch.isneginf(lowest)
-    x = block[:, None, :]  # [b, 1, V]
-    best, index = torch.where(x <= level[:, :, None], x, float("-inf")).max(-1)  # [b, J] each
-    return best, index, torch.isneginf(block.amin(-1))
-
-
-def _fill_rejected(block, r: Rejected, search, best, index, masked) -> None:
-    """Fill ``r`` in place for the rows ``search`` of ``block [b, V]`` from the search's ``best [b]`` (the largest
-    logit at or below the level), its ``index [b]`` (or None) and ``masked [b]`` (the row has a masked token): that
-    logit; a masked token (-inf) where only masked tokens are rejected; not found where none is."""
-    rows = search & ~torch.isneginf(r.level)  # rows where a finite logit may be rejected
-    r.logit.copy_(torch.where(rows, best, r.logit))
-    if index is not None:
-        r.index.copy_(torch.where(rows, index, r.index))
-    # No finite logit rejected: a masked token is, if the row has one (its logit is then -inf, as the level may be).
-    none_finite = search & (~rows | torch.isneginf(r.logit))
-    r.found |= search & ~none_finite
-    if none_finite.any():
-        r.found |= none_finite & masked
-        r.logit.copy_(torch.where(none_finite, float("-inf"), r.logit))
-        if index is not None:
-            r.index.copy_(torch.where(none_finite, block.argmin(-1), r.index))
+        return masked_max(logits, row, level), None
+    best = torch.empty_like(level)  # [P]
+    index = torch.empty_like(row)  # [P]
+    for s in row_blocks(len(row), logits.shape[-1]):
+        x = logits[row[s]]  # [p, V]
+        best[s], index[s] = torch.where(x <= level[s, None], x, float("-inf")).max(-1)
+    return best, index

@@ -22,8 +22,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-# Elements per block of rows: 2**21 float32 values (8 MiB) fit the last-level cache of common CPUs.
-BLOCK_ELEMENTS = 2**21
+# Elements per block of rows: 2**23 float32 values (32 MiB), the last-level cache of a server CPU.
+BLOCK_ELEMENTS = 2**23
+# Inputs from this many values go through compiled kernels (see :class:`CompiledOnce`).
+COMPILE_MIN_ELEMENTS = 2**16
 
 
 @dataclass
@@ -123,7 +125,56 @@ def row_blocks(n_rows: int, vocab: int) -> Iterator[slice]:
 TOPK_CHUNK = 64
 
 
-def top_k(block: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+class CompiledOnce:
+    """``fn`` compiled by ``torch.compile`` on its first call with a first argument of at least
+    ``COMPILE_MIN_ELEMENTS`` values on CPU or CUDA; ``plain`` (by default ``fn`` itself, the same values) for
+    smaller inputs, other devices, inside a graph being compiled, and from a first failure on (no working compiler
+    here) without trying to compile again.
+
+    Every axis of the tensor arguments is compiled for any size except the last of the first argument, which
+    stays fixed until a call shows another size (dynamo's automatic dynamic shapes): a fixed chunk width lets
+    the compiler fuse the reductions over it."""
+
+    def __init__(self, fn: Callable, plain: Callable | None = None):
+        self.fn, self.plain, self.compiled, self.failed = fn, plain or fn, None, False
+
+    def __call__(self, first: torch.Tensor, *rest):
+        if (self.failed or first.numel() < COMPILE_MIN_ELEMENTS or first.device.type not in ("cpu", "cuda")
+                or torch.compiler.is_compiling()):
+            return self.plain(first, *rest)
+        try:
+            if self.compiled is None:
+                self.compiled = torch.compile(self.fn)
+            for i, t in enumerate((first, *rest)):
+                if isinstance(t, torch.Tensor):
+                    for axis in range(t.ndim - (i == 0)):
+                        torch._dynamo.maybe_mark_dynamic(t, axis)
+            return self.compiled(first, *rest)
+        except Exception:  # noqa: BLE001 - no working compiler: plain torch gives the same values
+            self.failed = True
+        return self.plain(first, *rest)
+
+
+def _chunk_extremes(chunks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return chunks.amax(-1), chunks.amin(-1)  # [b, C] each
+
+
+_COMPILED_CHUNK_EXTREMES = CompiledOnce(_chunk_extremes)
+
+
+def chunk_extremes(block: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The maxima of the whole chunks of ``TOPK_CHUNK`` values of each row of ``block [b, V]`` (``[b, V // 64]``,
+    what :func:`top_k` selects chunks by) and each row's smallest value (``[b]``), in one read of the block
+    (compiled: :class:`CompiledOnce`; eager torch reads it twice)."""
+    b, vocab = block.shape
+    n_chunks = vocab // TOPK_CHUNK
+    whole = n_chunks * TOPK_CHUNK
+    chunks = block[:, :whole].unflatten(-1, (n_chunks, TOPK_CHUNK))  # [b, C, 64] view
+    chunk_max, chunk_min = _COMPILED_CHUNK_EXTREMES(chunks)  # [b, C] each
+    return chunk_max, torch.cat([chunk_min, block[:, whole:]], -1).amin(-1)  # [b, C], [b]
+
+
+def top_k(block: torch.Tensor, k: int, chunk_max: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``k`` largest values of each row of ``block [b, V]`` and their indices, sorted descending, as
     ``torch.topk`` gives them (the same values; which of several equal values is named may differ).
 
@@ -136,15 +187,17 @@ def top_k(block: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
 
     NOTE: torch's CPU ``topk`` over one row of 150k logits costs about as much as ``logsumexp`` over it (a
     selection per row, parallel across rows only), the chunk maxima about 0.07x of it (one vectorised ``amax``):
-    ``python benchmarks/certificate_cost.py`` measures the certificates that depend on it.
+    ``python benchmarks/certificate_cost.py`` measures the certificates that depend on it. ``chunk_max``: the
+    chunk maxima when already known (:func:`chunk_extremes`).
     """
     b, vocab = block.shape
     n_chunks = vocab // TOPK_CHUNK
     if n_chunks < 4 * k:
         return torch.topk(block, k, dim=-1)
     whole = n_chunks * TOPK_CHUNK
-    chunks = block[:, :whole].unflatten(-1, (n_chunks, TOPK_CHUNK))  # [b, C, 64] view
-    kept = chunks.amax(-1).topk(k, dim=-1).indices  # [b, k] chunk numbers
+    if chunk_max is None:
+        chunk_max = block[:, :whole].unflatten(-1, (n_chunks, TOPK_CHUNK)).amax(-1)  # [b, C]
+    kept = chunk_max.topk(k, dim=-1).indices  # [b, k] chunk numbers
     offsets = torch.arange(TOPK_CHUNK, device=block.device)  # [64]
     index = (kept[:, :, None] * TOPK_CHUNK + offsets).flatten(1)  # [b, k * 64] positions in the row
     if whole < vocab:

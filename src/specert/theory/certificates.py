@@ -44,7 +44,7 @@ from specert.theory.stats import DEFAULT_TOP, TargetStats, gather, unit_roundoff
 from specert.theory.tensors import argmax, as_logits, check_top, map_blocks
 
 # Least relative downward rounding by compute dtype: float32 inputs carry about 1e-7 relative error in their
-# normaliser (a bound of 8.5e-6 at V = 150k: :func:`specert.theory.stats.normaliser_rtol`).
+# normaliser (a bound of 4.7e-6 at V = 150k: :func:`specert.theory.stats.normaliser_rtol`).
 CERTIFICATE_RTOL = {torch.float32: 1e-5, torch.float64: 1e-12}
 _U = unit_roundoff(torch.float64)
 

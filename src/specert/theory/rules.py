@@ -107,12 +107,12 @@ class SingleCandidateRule(Rule):
     token the exact rule might reject is counted as rejected and the certificate never overstates.
     """
 
+    # Whether the rule accepts iff p > its threshold (strict) or iff p >= it.
+    strict: ClassVar[bool] = False
+
     def reject_level(self, stats: TargetStats) -> torch.Tensor:
         """Largest target logit the rule rejects, ``[n]`` in the compute dtype of ``stats``."""
         raise NotImplementedError
-
-    # Whether the rule accepts iff p > its threshold (strict) or iff p >= it.
-    strict: ClassVar[bool] = False
 
     def reject_range(self, stats: TargetStats) -> tuple[torch.Tensor, torch.Tensor]:
         """``(lo, hi)`` ``[n]`` in the compute dtype of ``stats``: every token of logit <= lo is rejected by the exact

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from specert.theory.tensors import CompiledOnce, chunk_extremes, row_blocks, top_k
+from specert.theory.tensors import FUSED_BLOCK_ELEMENTS, CompiledOnce, chunk_extremes, row_blocks, top_k
 
 # Top tokens gathered at first; more are gathered only for the rows where a water-filling runs past them.
 DEFAULT_TOP = 16
@@ -228,7 +228,7 @@ def gather(
     errors = {o: torch.empty(n, dtype=torch.float64, device=dev) for o in offsets}
     s_rtol = normaliser_rtol(dtype, vocab)
     shannon = 0.0 in offsets
-    for s in row_blocks(n, vocab):
+    for s in row_blocks(n, vocab, FUSED_BLOCK_ELEMENTS):
         block = logits[s]  # [b, V]
         chunk_max, lowest = chunk_extremes(block)  # [b, V // 64], [b]
         masked[s] = torch.isneginf(lowest)

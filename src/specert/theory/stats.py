@@ -2,12 +2,12 @@
 
 A certificate depends on the target distribution only through its normaliser, its few most probable tokens, the
 most probable token a rule rejects and (for Medusa's rule) its entropy. :func:`gather` reads logits ``[N, V]``
-block by block so that each block stays in the CPU cache: per block one top-k (through chunk maxima,
-:func:`~specert.theory.tensors.top_k`) and one fused pass for the normaliser and the entropy
-(:func:`exp_sums`). Then the rules' reject levels are computed for all rows at once and, only for the rows where
-a rule rejects none of the gathered top tokens, one masked ``max`` pass over those rows finds the most probable
-token each rule rejects, for all the rules together (:func:`masked_max`). Never a full sort. Everything after
-that works on ``[N, k]`` tensors, on the device of the logits.
+block by block, twice while a block is in the CPU cache: its chunk maxima and row minima
+(:func:`~specert.theory.tensors.chunk_extremes`, from which :func:`~specert.theory.tensors.top_k` takes the top
+tokens), then one fused pass for the normaliser and the entropy (:func:`exp_sums`). Then the rules' reject levels
+are computed for all rows at once and, only for the (row, rule) pairs where the rule rejects none of the gathered
+top tokens, one :func:`masked_max` call reads those rows for the most probable token each rule rejects. Never a
+full sort. Everything after that works on ``[N, k]`` tensors, on the device of the logits.
 
 Notation (per row): l_1 >= l_2 >= ... the sorted logits, a_x = l_x - l_1 <= 0 the gaps to the top,
 S = sum_x exp(a_x) in [1, V] the normaliser relative to the top (log-sum-exp = l_1 + log S), p_x = exp(a_x) / S.

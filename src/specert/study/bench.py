@@ -29,7 +29,8 @@ def _paired(fn: Callable[[], object], base: Callable[[], object], repeat: int) -
     """``fn`` against ``base`` side by side: after one warm-up call of each, ``repeat`` rounds that time one call
     of each in turn. Returns (median seconds of ``fn``, median over rounds of its time over ``base``'s), so that
     a machine whose speed drifts between rounds moves both of a round's calls alike."""
-    fn(), base()
+    fn()
+    base()
     seconds, ratios = [], []
     for _ in range(repeat):
         start = time.perf_counter()

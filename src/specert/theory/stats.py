@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from specert.theory.tensors import FUSED_BLOCK_ELEMENTS, CompiledOnce, chunk_extremes, row_blocks, top_k
+from specert.theory.tensors import FUSED_BLOCK_ELEMENTS, CompiledOnce, chunk_extremes, chunked, row_blocks, top_k
 
 # Top tokens gathered at first; more are gathered only for the rows where a water-filling runs past them.
 DEFAULT_TOP = 16
@@ -269,14 +269,12 @@ def exp_sums(block: torch.Tensor, top: torch.Tensor, with_gaps: bool = False):
     the module's NOTE): one read of the block, compiled for large blocks (:class:`CompiledOnce`); eager torch
     would write a and exp(a) out first (3 passes over the block and 2 writes).
     """
-    b, vocab = block.shape
-    whole = vocab - vocab % SUM_CHUNK
+    chunks, tail = chunked(block, SUM_CHUNK)  # [b, C, 64], [b, V % 64]
     parts = []
-    if whole:
-        chunks = block[:, :whole].unflatten(-1, (whole // SUM_CHUNK, SUM_CHUNK))  # [b, C, 64] view
+    if chunks.shape[1]:
         parts.append(_COMPILED_CHUNK_SUMS(chunks, top, with_gaps))
-    if whole < vocab:
-        parts.append(_chunk_sums(block[:, None, whole:], top, with_gaps))  # the last, shorter chunk
+    if tail.shape[1]:
+        parts.append(_chunk_sums(tail[:, None, :], top, with_gaps))  # the last, shorter chunk
     total = torch.cat([p[0] for p in parts], -1).double().sum(-1)  # [b]
     gaps = torch.cat([p[1] for p in parts], -1).double().sum(-1) if with_gaps else None
     return total, gaps
@@ -288,12 +286,23 @@ def _masked_max(logits: torch.Tensor, row: torch.Tensor, level: torch.Tensor) ->
     return torch.where(x <= level[:, None], x, float("-inf")).amax(-1)  # [P], -inf where none
 
 
-def _masked_max_by_blocks(logits: torch.Tensor, row: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
-    """:func:`_masked_max` in plain torch, the pairs a block at a time (each block's rows are copied)."""
+def _largest_by_blocks(logits: torch.Tensor, row: torch.Tensor, level: torch.Tensor, with_index: bool = False):
+    """:func:`_masked_max` in plain torch, the pairs a block at a time (each block's rows are copied), with the
+    index of each largest logit when ``with_index``: ``([P], [P] or None)``."""
     best = torch.empty_like(level)  # [P]
+    index = torch.empty_like(row) if with_index else None  # [P]
     for s in row_blocks(len(row), logits.shape[-1]):
-        best[s] = _masked_max(logits, row[s], level[s])
-    return best
+        x = logits[row[s]]  # [p, V]
+        kept = torch.where(x <= level[s, None], x, float("-inf"))
+        if with_index:
+            best[s], index[s] = kept.max(-1)
+        else:
+            best[s] = kept.amax(-1)
+    return best, index
+
+
+def _masked_max_by_blocks(logits: torch.Tensor, row: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
+    return _largest_by_blocks(logits, row, level)[0]
 
 
 _COMPILED_MASKED_MAX = CompiledOnce(_masked_max, plain=_masked_max_by_blocks)
@@ -332,12 +341,7 @@ def _entropy(logits, top, log_s, s_rtol, offset) -> tuple[torch.Tensor, torch.Te
 def _largest_at_or_below(logits: torch.Tensor, row: torch.Tensor, level: torch.Tensor, with_index: bool):
     """For each pair p, the largest logit of row ``row[p]`` of ``logits [N, V]`` at or below ``level[p]``: ``[P]``
     (-inf where none), and its index (``[P]``, or None unless ``with_index``). Without the index
-    :func:`masked_max`; with it (the extremal drafter) plain torch, on copies of the rows, a block at a time."""
-    if not with_index:
-        return masked_max(logits, row, level), None
-    best = torch.empty_like(level)  # [P]
-    index = torch.empty_like(row)  # [P]
-    for s in row_blocks(len(row), logits.shape[-1]):
-        x = logits[row[s]]  # [p, V]
-        best[s], index[s] = torch.where(x <= level[s, None], x, float("-inf")).max(-1)
-    return best, index
+    :func:`masked_max`; with it (the extremal drafter) plain torch, :func:`_largest_by_blocks`."""
+    if with_index:
+        return _largest_by_blocks(logits, row, level, with_index=True)
+    return masked_max(logits, row, level), None

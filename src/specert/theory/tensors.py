@@ -158,6 +158,13 @@ class CompiledOnce:
         return self.plain(first, *rest)
 
 
+def chunked(block: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``block [b, V]`` cut into its whole chunks of ``width`` values, ``[b, V // width, width]`` (a view), and the
+    tail past the last of them, ``[b, V % width]``."""
+    whole = block.shape[-1] - block.shape[-1] % width
+    return block[:, :whole].unflatten(-1, (whole // width, width)), block[:, whole:]
+
+
 def _chunk_extremes(chunks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return chunks.amax(-1), chunks.amin(-1)  # [b, C] each
 
@@ -169,12 +176,9 @@ def chunk_extremes(block: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The maxima of the whole chunks of ``TOPK_CHUNK`` values of each row of ``block [b, V]`` (``[b, V // 64]``,
     what :func:`top_k` selects chunks by) and each row's smallest value (``[b]``), in one read of the block
     (compiled: :class:`CompiledOnce`; eager torch reads it twice)."""
-    b, vocab = block.shape
-    n_chunks = vocab // TOPK_CHUNK
-    whole = n_chunks * TOPK_CHUNK
-    chunks = block[:, :whole].unflatten(-1, (n_chunks, TOPK_CHUNK))  # [b, C, 64] view
+    chunks, tail = chunked(block, TOPK_CHUNK)  # [b, C, 64], [b, V % 64]
     chunk_max, chunk_min = _COMPILED_CHUNK_EXTREMES(chunks)  # [b, C] each
-    return chunk_max, torch.cat([chunk_min, block[:, whole:]], -1).amin(-1)  # [b, C], [b]
+    return chunk_max, torch.cat([chunk_min, tail], -1).amin(-1)  # [b, C], [b]
 
 
 def top_k(block: torch.Tensor, k: int, chunk_max: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -199,7 +203,7 @@ def top_k(block: torch.Tensor, k: int, chunk_max: torch.Tensor | None = None) ->
         return torch.topk(block, k, dim=-1)
     whole = n_chunks * TOPK_CHUNK
     if chunk_max is None:
-        chunk_max = block[:, :whole].unflatten(-1, (n_chunks, TOPK_CHUNK)).amax(-1)  # [b, C]
+        chunk_max = chunked(block, TOPK_CHUNK)[0].amax(-1)  # [b, C]
     kept = chunk_max.topk(k, dim=-1).indices  # [b, k] chunk numbers
     offsets = torch.arange(TOPK_CHUNK, device=block.device)  # [64]
     index = (kept[:, :, None] * TOPK_CHUNK + offsets).flatten(1)  # [b, k * 64] positions in the row
